@@ -1,0 +1,154 @@
+"""Decoding of the wire's PCM frames and WAV files, and resampling to 16 kHz.
+
+Pure numpy + soxr (a real polyphase resampler with a streaming mode, so
+chunked input gives the same samples as one long call).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from diglett.settings import SAMPLE_RATE
+
+ENCODINGS = {"pcm_s16le": 2, "pcm_f32le": 4}
+MIN_RATE = 8000
+MAX_RATE = 96000
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """The client's declared audio format."""
+
+    sample_rate: int = SAMPLE_RATE
+    encoding: str = "pcm_s16le"
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return ENCODINGS[self.encoding]
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """One binary frame holds at most 1 s of audio."""
+        return self.sample_rate * self.bytes_per_sample
+
+
+def check_format(sample_rate: int, encoding: str) -> InputFormat:
+    """Validate a `format` request; raises AudioError('unsupported_format')."""
+    if encoding not in ENCODINGS:
+        raise AudioError(
+            "unsupported_format",
+            f"encoding {encoding!r} is not supported; use one of {sorted(ENCODINGS)}",
+        )
+    if not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise AudioError(
+            "unsupported_format",
+            f"sample_rate {sample_rate} is outside {MIN_RATE}..{MAX_RATE} Hz",
+        )
+    return InputFormat(sample_rate, encoding)
+
+
+def decode_frame(data: bytes, fmt: InputFormat) -> np.ndarray:
+    """Decode one binary frame into float32 samples in [-1, 1], shape (n,).
+
+    Raises AudioError with the protocol's code: `frame_too_large` for more
+    than 1 s of audio, `bad_audio` for a partial sample or non-finite floats.
+    """
+    if len(data) > fmt.max_frame_bytes:
+        raise AudioError(
+            "frame_too_large",
+            f"frame of {len(data)} bytes holds more than 1 s of audio "
+            f"({fmt.max_frame_bytes} bytes at {fmt.sample_rate} Hz {fmt.encoding})",
+        )
+    if len(data) % fmt.bytes_per_sample:
+        raise AudioError(
+            "bad_audio",
+            f"frame of {len(data)} bytes is not a whole number of "
+            f"{fmt.bytes_per_sample}-byte samples",
+        )
+    if fmt.encoding == "pcm_s16le":
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    x = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise AudioError("bad_audio", "float samples must be finite (no NaN or inf)")
+    return np.clip(x, -1.0, 1.0)
+
+
+class StreamResampler:
+    """Chunk-by-chunk resampler to 16 kHz that keeps its filter state.
+
+    `push` returns what is ready; `flush` returns the tail held back by the
+    filter delay. At 16 kHz input it passes samples through untouched.
+    """
+
+    def __init__(self, in_rate: int) -> None:
+        self.in_rate = in_rate
+        self._stream = (
+            None
+            if in_rate == SAMPLE_RATE
+            else soxr.ResampleStream(in_rate, SAMPLE_RATE, 1, dtype="float32")
+        )
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        if self._stream is None:
+            return x
+        return self._stream.resample_chunk(x, last=False)
+
+    def flush(self) -> np.ndarray:
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        out = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream = soxr.ResampleStream(
+            self.in_rate, SAMPLE_RATE, 1, dtype="float32"
+        )
+        return out
+
+
+def resample(x: np.ndarray, in_rate: int) -> np.ndarray:
+    """Resample a whole signal `x` (shape (n,)) to 16 kHz."""
+    if in_rate == SAMPLE_RATE:
+        return x.astype(np.float32, copy=False)
+    return soxr.resample(x, in_rate, SAMPLE_RATE).astype(np.float32, copy=False)
+
+
+def decode_wav(data: bytes, max_s: float) -> tuple[np.ndarray, float]:
+    """Decode a sound file (WAV, or any format libsndfile reads) to 16 kHz mono.
+
+    Returns (samples of shape (n,), duration in seconds of the original).
+    Raises AudioError: `bad_audio` when unreadable or empty, `too_long` when
+    longer than `max_s`.
+    """
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, frames = f.samplerate, f.frames
+            if rate <= 0:
+                raise AudioError("bad_audio", "the file declares no sample rate")
+            duration = frames / rate
+            if duration > max_s:
+                raise AudioError(
+                    "too_long", f"audio is {duration:.1f} s long; at most {max_s:g} s"
+                )
+            x = f.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except Exception as exc:  # libsndfile raises several types for bad input
+        raise AudioError("bad_audio", f"not a readable WAV file: {exc}") from exc
+    if x.shape[0] == 0:
+        raise AudioError("bad_audio", "the file holds no audio samples")
+    if not np.all(np.isfinite(x)):
+        raise AudioError("bad_audio", "the file holds NaN or infinite samples")
+    mono = np.clip(x.mean(axis=1), -1.0, 1.0)
+    return resample(mono, rate), duration

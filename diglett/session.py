@@ -1,0 +1,408 @@
+"""The protocol's per-session state machine, free of Ray, FastAPI and torch.
+
+`SessionEngine` consumes the client's frames in order and returns a list of
+*actions*: messages to send (dicts), a `Close`, or embedding jobs
+(`HopJob`, `EnrollJob`). The caller computes the jobs' embeddings however it
+likes (batched, remote) and hands them back through `complete`, in order, to
+get the `label` and `enrolled` messages. Keeping the embedding step outside
+makes every protocol rule testable in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from diglett import levels
+from diglett.audio import AudioError, InputFormat, StreamResampler, check_format
+from diglett.audio import decode_frame
+from diglett.decision import SILENCE, TalkStats, cosine_scores, decide, normalize
+from diglett.protocol import CLOSE_CODES, EndMsg, EnrollEndMsg, EnrollMsg, FormatMsg
+from diglett.protocol import ProtocolError, StreamMsg, error, parse_control
+from diglett.settings import SAMPLE_RATE, Settings
+from diglett.windowing import HopWindower
+
+QUIET_DBFS = -35.0  # speech level below which an enrollment is `quiet`
+CLIPPING_FRACTION = 0.001  # share of full-scale samples that makes it `clipping`
+NOISY_SNR_DB = 15.0  # speech-to-floor distance below which it is `noisy`
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection with this WebSocket code."""
+
+    code: int
+
+
+@dataclass
+class HopJob:
+    """A hop to label; `window` is None when the gate found no speech.
+
+    `window` has shape (n,), float32 at 16 kHz, ending where the hop ends.
+    `recv_t` is the caller's timestamp of the frame holding the hop's last
+    sample, echoed back so latency is measured on one clock.
+    """
+
+    seq: int
+    start_s: float
+    end_s: float
+    level_dbfs: float
+    window: np.ndarray | None
+    recv_t: float
+
+    @property
+    def audio(self) -> np.ndarray | None:
+        return self.window
+
+
+@dataclass
+class EnrollJob:
+    """An accepted enrollment whose embedding is still to be computed."""
+
+    speaker: str
+    audio: np.ndarray
+    duration_s: float
+    speech_s: float
+    level_dbfs: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Send the summary here, once the jobs before it have completed."""
+
+
+Action = Union[dict, Close, HopJob, EnrollJob, Summary]
+
+
+def enrollment_warnings(x: np.ndarray, gate_dbfs: float, truncated: bool) -> list[str]:
+    """Advisory warnings for enrollment audio `x` (shape (n,), 16 kHz)."""
+    warnings = ["truncated"] if truncated else []
+    db = levels.frame_dbfs(x)
+    speech = db[db >= gate_dbfs]
+    if speech.size:
+        speech_level = 10 * np.log10(np.mean(10 ** (speech / 10)))
+        if speech_level < QUIET_DBFS:
+            warnings.append("quiet")
+    else:
+        warnings.append("quiet")
+    if levels.clipping_fraction(x) > CLIPPING_FRACTION:
+        warnings.append("clipping")
+    if db.size >= 10 and np.percentile(db, 90) - np.percentile(db, 10) < NOISY_SNR_DB:
+        warnings.append("noisy")
+    return warnings
+
+
+class SessionEngine:
+    """One session's protocol state: format, enrollments, stream, stats."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.fmt = InputFormat()
+        self._resampler = StreamResampler(self.fmt.sample_rate)
+        self.state = "idle"  # idle | enrolling | streaming | closed
+        self.audio_flowed = False
+        self._stray_answered = False
+        self.enrollments: dict[str, np.ndarray | None] = {}
+        self._enroll_name = ""
+        self._enroll_chunks: list[np.ndarray] = []
+        self._enroll_len = 0
+        self._enroll_truncated = False
+        self._windower: HopWindower | None = None
+        self.stats = TalkStats()
+        self._rate_t0: float | None = None
+        self._rate_received_s = 0.0
+
+    # ----------------------------------------------------------------- input
+    def on_text(self, text: str, t: float) -> list[Action]:
+        """Handle one text frame received at time `t` (seconds, caller's clock)."""
+        if self.state == "closed":
+            return []
+        self._stray_answered = False
+        try:
+            msg = parse_control(text)
+            if isinstance(msg, FormatMsg):
+                return self._on_format(msg)
+            if isinstance(msg, EnrollMsg):
+                return self._on_enroll(msg, t)
+            if isinstance(msg, EnrollEndMsg):
+                return self._on_enroll_end()
+            if isinstance(msg, StreamMsg):
+                return self._on_stream(t)
+            if isinstance(msg, EndMsg):
+                return self._on_end(t)
+        except ProtocolError as exc:
+            return [error(exc.code, exc.message)]
+        raise AssertionError(f"unhandled message {msg!r}")
+
+    def on_binary(self, data: bytes, t: float) -> list[Action]:
+        """Handle one binary (audio) frame received at time `t`."""
+        if self.state == "closed":
+            return []
+        if self.state not in ("enrolling", "streaming"):
+            if self._stray_answered:
+                return []
+            self._stray_answered = True
+            return [
+                error(
+                    "bad_message",
+                    "audio outside an enrollment or a stream; "
+                    "send 'enroll' or 'stream' first",
+                )
+            ]
+        try:
+            x = decode_frame(data, self.fmt)
+        except AudioError as exc:
+            return self._fail(exc.code, str(exc))
+        if self._rate_exceeded(x.size / self.fmt.sample_rate, t):
+            return self._fail(
+                "rate_exceeded",
+                f"audio arrives faster than {self.s.max_rate:g}x real time",
+            )
+        if x.size == 0:
+            return []
+        self.audio_flowed = True
+        x16 = self._resampler.push(x)
+        if self.state == "enrolling":
+            self._add_enroll_audio(x16)
+            return []
+        return self._hop_jobs(self._windower.push(x16), t)
+
+    def disconnect(self) -> None:
+        """The connection dropped: drop unfinished audio, keep enrollments."""
+        self._resampler = StreamResampler(self.fmt.sample_rate)
+        self.state = "idle"
+        self._windower = None
+        self._enroll_chunks = []
+
+    def reattach(self) -> None:
+        """A new connection took over the session (resume): fresh stats."""
+        self.disconnect()
+        self.stats = TalkStats()
+        self._stray_answered = False
+        self._rate_t0 = None
+        self._rate_received_s = 0.0
+
+    # ------------------------------------------------------------ completion
+    @staticmethod
+    def jobs(actions: list[Action]) -> list[HopJob | EnrollJob]:
+        """The actions that need an embedding, in order."""
+        return [
+            a
+            for a in actions
+            if isinstance(a, (HopJob, EnrollJob)) and a.audio is not None
+        ]
+
+    def finish(
+        self, actions: list[Action], embeddings: list[np.ndarray]
+    ) -> tuple[list[dict], int | None]:
+        """Resolve `actions` in order, given the embeddings of `jobs(actions)`.
+
+        Returns the messages to send and the close code (None: stay open).
+        """
+        by_job = {id(j): e for j, e in zip(self.jobs(actions), embeddings)}
+        out: list[dict] = []
+        close: int | None = None
+        for a in actions:
+            if isinstance(a, (HopJob, EnrollJob)):
+                out.append(self.complete(a, by_job.get(id(a))))
+            elif isinstance(a, Summary):
+                out.append(self.stats.summary(list(self.enrollments)))
+            elif isinstance(a, Close):
+                close = a.code
+            else:
+                out.append(a)
+        return out, close
+
+    def complete(self, job: HopJob | EnrollJob, embedding: np.ndarray | None) -> dict:
+        """Turn a job and its embedding (shape (d,), or None) into its message."""
+        if isinstance(job, EnrollJob):
+            return self._complete_enroll(job, embedding)
+        return self._complete_hop(job, embedding)
+
+    def _complete_enroll(self, job: EnrollJob, embedding: np.ndarray) -> dict:
+        self.enrollments[job.speaker] = normalize(embedding)
+        return {
+            "type": "enrolled",
+            "speaker": job.speaker,
+            "duration_s": round(job.duration_s, 3),
+            "speech_s": round(job.speech_s, 3),
+            "level_dbfs": round(job.level_dbfs, 1),
+            "warnings": job.warnings,
+        }
+
+    def _complete_hop(self, job: HopJob, embedding: np.ndarray | None) -> dict:
+        msg = {
+            "type": "label",
+            "seq": job.seq,
+            "start_s": round(job.start_s, 6),
+            "end_s": round(job.end_s, 6),
+        }
+        if job.window is None or embedding is None:
+            label = SILENCE
+        else:
+            refs = {k: v for k, v in self.enrollments.items() if v is not None}
+            scores = cosine_scores(embedding, refs)
+            label = decide(scores, self.s.threshold)
+            msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
+        msg["label"] = label
+        msg["level_dbfs"] = round(job.level_dbfs, 1)
+        msg["_recv_t"] = job.recv_t
+        self.stats.add(label, job.end_s - job.start_s)
+        return msg
+
+    # -------------------------------------------------------------- messages
+    def _on_format(self, msg: FormatMsg) -> list[Action]:
+        if self.audio_flowed:
+            raise ProtocolError(
+                "bad_message", "format must come before the first audio frame"
+            )
+        try:
+            self.fmt = check_format(msg.sample_rate, msg.encoding)
+        except AudioError as exc:
+            return [error(exc.code, str(exc))]
+        self._resampler = StreamResampler(self.fmt.sample_rate)
+        return [
+            {
+                "type": "format_ok",
+                "sample_rate": self.fmt.sample_rate,
+                "encoding": self.fmt.encoding,
+            }
+        ]
+
+    def _on_enroll(self, msg: EnrollMsg, t: float) -> list[Action]:
+        if self.state == "enrolling":
+            raise ProtocolError(
+                "bad_message",
+                f"the enrollment of {self._enroll_name!r} is still open; "
+                "send 'enroll_end' first",
+            )
+        if msg.speaker not in self.enrollments and (
+            len(self.enrollments) >= self.s.max_speakers
+        ):
+            return [
+                error(
+                    "too_many_speakers",
+                    f"at most {self.s.max_speakers} speakers; "
+                    f"enrolled: {sorted(self.enrollments)}",
+                )
+            ]
+        actions = self._end_stream(t) if self.state == "streaming" else []
+        self.state = "enrolling"
+        self._enroll_name = msg.speaker
+        self._enroll_chunks, self._enroll_len = [], 0
+        self._enroll_truncated = False
+        return actions
+
+    def _on_enroll_end(self) -> list[Action]:
+        if self.state != "enrolling":
+            raise ProtocolError("bad_message", "'enroll_end' without an open 'enroll'")
+        self._add_enroll_audio(self._resampler.flush())
+        audio = (
+            np.concatenate(self._enroll_chunks)
+            if self._enroll_chunks
+            else np.zeros(0, dtype=np.float32)
+        )
+        name, truncated = self._enroll_name, self._enroll_truncated
+        self.state = "idle"
+        self._enroll_chunks, self._enroll_len = [], 0
+        duration = audio.size / SAMPLE_RATE
+        speech = levels.speech_seconds(audio, self.s.gate_dbfs)
+        if duration < self.s.enroll_min_s or speech < self.s.enroll_min_speech_s:
+            return [
+                error(
+                    "enroll_too_short",
+                    f"{name!r}: {duration:.2f} s of audio with {speech:.2f} s of "
+                    f"speech; need {self.s.enroll_min_s:g} s of audio and "
+                    f"{self.s.enroll_min_speech_s:g} s of speech",
+                )
+            ]
+        if name not in self.enrollments:
+            self.enrollments[name] = None  # its embedding arrives with `complete`
+        return [
+            EnrollJob(
+                speaker=name,
+                audio=audio,
+                duration_s=duration,
+                speech_s=speech,
+                level_dbfs=levels.rms_dbfs(audio),
+                warnings=enrollment_warnings(audio, self.s.gate_dbfs, truncated),
+            )
+        ]
+
+    def _on_stream(self, t: float) -> list[Action]:
+        if self.state == "enrolling":
+            raise ProtocolError(
+                "bad_message",
+                f"the enrollment of {self._enroll_name!r} is still open; "
+                "send 'enroll_end' first",
+            )
+        if not self.enrollments:
+            return [
+                error("not_enrolled", "enroll at least one speaker before 'stream'")
+            ]
+        actions = self._end_stream(t) if self.state == "streaming" else []
+        self._windower = HopWindower(self.s.hop_samples, self.s.window_samples)
+        self.state = "streaming"
+        return actions
+
+    def _on_end(self, t: float) -> list[Action]:
+        actions = self._end_stream(t) if self.state == "streaming" else []
+        self.state = "closed"
+        return actions + [Summary(), Close(1000)]
+
+    # --------------------------------------------------------------- helpers
+    def _end_stream(self, t: float) -> list[Action]:
+        """Label what remains of the stream, ending with a shorter hop."""
+        hops = self._windower.push(self._resampler.flush())
+        last = self._windower.flush()
+        if last is not None:
+            hops.append(last)
+        self._windower = None
+        self.state = "idle"
+        return self._hop_jobs(hops, t)
+
+    def _hop_jobs(self, hops, t: float) -> list[Action]:
+        jobs: list[Action] = []
+        for hop in hops:
+            speech = levels.has_speech(
+                hop.hop_audio, self.s.gate_dbfs, self.s.speech_min_frac
+            )
+            jobs.append(
+                HopJob(
+                    seq=hop.seq,
+                    start_s=hop.start / SAMPLE_RATE,
+                    end_s=hop.end / SAMPLE_RATE,
+                    level_dbfs=levels.rms_dbfs(hop.hop_audio),
+                    window=hop.window if speech else None,
+                    recv_t=t,
+                )
+            )
+        return jobs
+
+    def _add_enroll_audio(self, x: np.ndarray) -> None:
+        room = int(self.s.enroll_max_s * SAMPLE_RATE) - self._enroll_len
+        if x.size > room:
+            self._enroll_truncated = True
+            x = x[: max(0, room)]
+        if x.size:
+            self._enroll_chunks.append(x)
+            self._enroll_len += x.size
+
+    def _rate_exceeded(self, seconds: float, t: float) -> bool:
+        if self.s.max_rate <= 0:
+            return False
+        if self._rate_t0 is None:
+            self._rate_t0 = t
+        self._rate_received_s += seconds
+        allowed = self.s.rate_burst_s + self.s.max_rate * (t - self._rate_t0)
+        return self._rate_received_s > allowed
+
+    def _fail(self, code: str, message: str) -> list[Action]:
+        """An error; fatal codes also close the connection."""
+        if code in CLOSE_CODES:
+            self.state = "closed"
+            return [error(code, message), Close(CLOSE_CODES[code])]
+        return [error(code, message)]

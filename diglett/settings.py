@@ -1,0 +1,125 @@
+"""Server settings, read from the environment and an optional `.env` file.
+
+Every process of the server (the Serve driver, the ingress replica, the
+embedding replica, each SessionActor) builds its own `Settings` from the same
+environment, so a value set once in `.env` or the shell reaches all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from dotenv import load_dotenv
+
+MODEL_NAME = "speechbrain/spkrec-ecapa-voxceleb"
+SAMPLE_RATE = 16000
+PROTOCOL_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where Diglett keeps the model it fetched: `$XDG_CACHE_HOME/diglett`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "diglett"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All tunables of the server; field `x` is read from `DIGLETT_X`."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    model_dir: str = ""
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
+    hub_timeout_s: float = 5.0
+    device: str = "auto"
+    threshold: float = 0.3
+    gate_dbfs: float = -50.0
+    speech_min_frac: float = 0.2
+    window_s: float = 1.5
+    hop_s: float = 0.5
+    batch_size: int = 32
+    batch_wait_s: float = 0.005
+    api_token: str = ""
+    session_ttl_s: float = 60.0
+    max_sessions: int = 500
+    max_rate: float = 20.0
+    rate_burst_s: float = 60.0
+    enroll_min_s: float = 3.0
+    enroll_min_speech_s: float = 1.5
+    enroll_max_s: float = 30.0
+    max_speakers: int = 2
+    max_upload_s: float = 60.0
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, dotenv: bool = True
+    ) -> "Settings":
+        """Build settings from `env` (default: `os.environ`, after `.env`).
+
+        Raises ValueError naming the variable when a value does not parse,
+        so a typo in `.env` fails at start-up rather than mid-session.
+        """
+        if env is None:
+            if dotenv:
+                load_dotenv(override=False)
+            env = os.environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = "DIGLETT_" + f.name.upper()
+            if key not in env or env[key] == "":
+                continue
+            raw = env[key]
+            kind = type(getattr(cls(), f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{key}={raw!r} is not a valid {kind.__name__}"
+                ) from exc
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Reject combinations that would break the protocol's guarantees."""
+        hop = self.hop_s * SAMPLE_RATE
+        if hop <= 0 or abs(hop - round(hop)) > 1e-6:
+            raise ValueError("DIGLETT_HOP_S must be a positive multiple of 1/16000 s")
+        if self.window_s < self.hop_s:
+            raise ValueError("DIGLETT_WINDOW_S must be at least DIGLETT_HOP_S")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError("DIGLETT_THRESHOLD must lie in [-1, 1]")
+        if self.max_speakers < 1:
+            raise ValueError("DIGLETT_MAX_SPEAKERS must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("DIGLETT_BATCH_SIZE must be at least 1")
+
+    @property
+    def hop_samples(self) -> int:
+        return int(round(self.hop_s * SAMPLE_RATE))
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * SAMPLE_RATE))
+
+    def info(self) -> dict[str, Any]:
+        """The session-independent part of the protocol's `ready` message."""
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "sample_rate": SAMPLE_RATE,
+            "encoding": "pcm_s16le",
+            "window_s": self.window_s,
+            "hop_s": self.hop_s,
+            "enroll_min_s": self.enroll_min_s,
+            "enroll_min_speech_s": self.enroll_min_speech_s,
+            "enroll_max_s": self.enroll_max_s,
+            "max_speakers": self.max_speakers,
+            "model": MODEL_NAME,
+            "threshold": self.threshold,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
