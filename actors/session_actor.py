@@ -1,0 +1,162 @@
+"""SessionActor: one Ray actor per session, holding its enrollments and audio.
+
+It wraps the pure `SessionEngine`: frames in, messages out, with the
+embedding jobs of each call sent to the shared EmbeddingDeployment as one
+request. It never imports torch, so it stays small (see README for its USS).
+
+The actor is named and detached so that a dropped connection can resume it
+from any ingress replica; it ends itself when its session ends, when a
+detached session outlives the TTL, or when its ingress stops calling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+import ray
+
+from diglett.session import Close, SessionEngine
+from diglett.settings import Settings
+
+logger = logging.getLogger("diglett.session")
+
+NAMESPACE = "diglett"
+KEEPALIVE_S = 15.0  # the ingress touches an attached session this often
+EMBED_ATTEMPTS = 2
+
+
+def actor_name(session_id: str) -> str:
+    return f"session-{session_id}"
+
+
+Frame = tuple[bool, "str | bytes", float]  # (is_text, payload, receive time)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class SessionActor:
+    """The state of one session; methods are called by the ingress only."""
+
+    def __init__(
+        self, settings: Settings, embedder, session_id: str, resume_token: str
+    ) -> None:
+        self.settings = settings
+        self.engine = SessionEngine(settings)
+        self.embedder = embedder
+        self.session_id = session_id
+        self._token = resume_token
+        self._conn = 0  # generation of the latest connection; 0 = none yet
+        self._attached = False
+        self._last_seen = time.monotonic()
+        self._watchdog: asyncio.Task | None = None
+
+    async def attach(self, resume_token: str | None = None) -> int:
+        """Attach a connection; returns its generation, or 0 if refused.
+
+        A resume must present the session's token (compared in constant
+        time). A newer connection supersedes an older one.
+        """
+        if resume_token is not None and not hmac.compare_digest(
+            resume_token.encode(), self._token.encode()
+        ):
+            return 0
+        if self._conn:
+            self.engine.reattach()
+        self._conn += 1
+        self._attached = True
+        self._touch()
+        return self._conn
+
+    async def detach(self, conn: int) -> None:
+        """The connection dropped: keep enrollments for the TTL."""
+        if conn == self._conn:
+            self._attached = False
+            self.engine.disconnect()
+            self._touch()
+
+    async def touch(self, conn: int) -> bool:
+        """Keep-alive from the ingress; False if this connection was superseded."""
+        self._touch()
+        return conn == self._conn
+
+    async def handle(
+        self, conn: int, frames: list[Frame]
+    ) -> tuple[list[dict], int | None]:
+        """Process frames in order; returns (messages to send, close code)."""
+        self._touch()
+        if conn != self._conn:
+            return (
+                [
+                    {
+                        "type": "error",
+                        "code": "session_expired",
+                        "message": "another connection resumed this session",
+                    }
+                ],
+                4404,
+            )
+        actions: list = []
+        for is_text, payload, t in frames:
+            if is_text:
+                actions.extend(self.engine.on_text(payload, t))
+            else:
+                actions.extend(self.engine.on_binary(payload, t))
+            if actions and isinstance(actions[-1], Close):
+                break
+        jobs = self.engine.jobs(actions)
+        embeddings = []
+        if jobs:
+            try:
+                embeddings = await self._embed([j.audio for j in jobs])
+            except Exception as exc:  # the embedding tier failed twice
+                logger.error("session %s: embedding failed: %r", self.session_id, exc)
+                self.engine.state = "closed"
+                return (
+                    [
+                        {
+                            "type": "error",
+                            "code": "internal",
+                            "message": "the embedding service failed; "
+                            "reconnect with resume_token to continue",
+                        }
+                    ],
+                    1011,
+                )
+        return self.engine.finish(actions, embeddings)
+
+    async def _embed(self, signals):
+        last: Exception | None = None
+        for _ in range(EMBED_ATTEMPTS):
+            try:
+                return await self.embedder.embed.remote(signals)
+            except Exception as exc:
+                last = exc
+        raise last  # type: ignore[misc]
+
+    async def stats(self) -> dict:
+        """For tests and benchmarks: which process and node hold the session."""
+        import os
+
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "speakers": sorted(self.engine.enrollments),
+        }
+
+    def _touch(self) -> None:
+        self._last_seen = time.monotonic()
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._expire())
+
+    async def _expire(self) -> None:
+        """End the session when nobody holds it any more."""
+        while True:
+            await asyncio.sleep(1.0)
+            idle = time.monotonic() - self._last_seen
+            limit = 3 * KEEPALIVE_S if self._attached else self.settings.session_ttl_s
+            if idle > limit:
+                logger.info("session %s expired after %.0f s", self.session_id, idle)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

@@ -1,0 +1,99 @@
+"""EmbeddingDeployment: one shared, autoscaled tier that batches windows.
+
+Each request carries *all* the windows one session has ready (usually 1-3),
+and `@serve.batch` merges requests from many sessions into one model call,
+so Ray Serve's fixed per-request cost is paid per session-message, not per
+window. `batch_size_fn` counts windows, so `max_batch_size` bounds what the
+model sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+from ray import serve
+
+from diglett.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+
+
+def _count_windows(requests: list) -> int:
+    return sum(len(r) for r in requests)
+
+
+@serve.deployment(
+    name="EmbeddingDeployment",
+    # Caps how many requests can wait in a replica: must exceed the batch.
+    max_ongoing_requests=256,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 64,
+    },
+    ray_actor_options={"num_cpus": 1},
+)
+class EmbeddingDeployment:
+    """Loads ECAPA once per replica and embeds batches of 16 kHz signals."""
+
+    def __init__(self) -> None:
+        from diglett.embedder import Embedder
+        from diglett.model_store import resolve_model_dir
+
+        settings = Settings.from_env()
+        t0 = time.monotonic()
+        model_dir = resolve_model_dir(settings)
+        self.embedder = Embedder.load(model_dir, settings.device)
+        self.model_dir = str(model_dir)
+        self._configure(settings.batch_size, settings.batch_wait_s)
+        self.load_s = time.monotonic() - t0
+        logger.info(
+            "embedding replica ready on %s in %.1f s", self.embedder.device, self.load_s
+        )
+
+    def reconfigure(self, config: dict) -> None:
+        """`user_config`: {"batch_size": int, "batch_wait_s": float}."""
+        self._configure(
+            int(config.get("batch_size", self._batch_size)),
+            float(config.get("batch_wait_s", self._batch_wait_s)),
+        )
+
+    def _configure(self, batch_size: int, batch_wait_s: float) -> None:
+        self._batch_size, self._batch_wait_s = batch_size, batch_wait_s
+        self._embed_batch.set_max_batch_size(batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    async def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
+        """Embeddings (shape (192,), raw) of one caller's signals, in order."""
+        if not signals:
+            return []
+        return await self._embed_batch(signals)
+
+    @serve.batch(
+        max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_windows
+    )
+    async def _embed_batch(
+        self, requests: list[list[np.ndarray]]
+    ) -> list[list[np.ndarray]]:
+        flat = [s for r in requests for s in r]
+        # The model runs in a thread so the replica keeps accepting requests
+        # (and so forms the next batch) while this one computes.
+        embs = await asyncio.to_thread(self.embedder.embed, flat)
+        out, k = [], 0
+        for r in requests:
+            out.append(embs[k : k + len(r)])
+            k += len(r)
+        return out
+
+    def info(self) -> dict:
+        """Where the model runs and how the batcher is set."""
+        return {
+            "device": self.embedder.device,
+            "model_dir": self.model_dir,
+            "batch_size": self._batch_size,
+            "batch_wait_s": self._batch_wait_s,
+            "load_s": round(self.load_s, 2),
+        }

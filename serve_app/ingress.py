@@ -1,0 +1,312 @@
+"""The FastAPI ingress under Ray Serve: `/v1/stream` and the HTTP endpoints.
+
+Per WebSocket connection it creates (or, on resume, finds) a SessionActor
+and pumps frames to it. Frames that queue up while the actor is busy are
+sent together in one actor call, so under load the per-call cost is spread
+over many frames, and the queue's bound gives the client TCP back-pressure.
+"""
+
+# No `from __future__ import annotations`: FastAPI must resolve the
+# endpoint annotations at run time inside the replica.
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import time
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from actors.session_actor import KEEPALIVE_S, NAMESPACE, SessionActor, actor_name
+from diglett import __version__, levels
+from diglett.audio import AudioError, decode_wav
+from diglett.embedder import EMBEDDING_DIM
+from diglett.protocol import CLOSE_CODES, error
+from diglett.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+
+QUEUE_FRAMES = 64  # frames buffered per connection before back-pressure
+BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
+
+app = FastAPI(
+    title="Diglett",
+    version=__version__,
+    description=(
+        "Real-time speaker verification and sound levels. The streaming "
+        "protocol (v1) runs over the WebSocket at `/v1/stream`; see "
+        "docs/protocol.md."
+    ),
+)
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Info(BaseModel):
+    protocol: int
+    sample_rate: int
+    encoding: str
+    window_s: float
+    hop_s: float
+    enroll_min_s: float
+    enroll_min_speech_s: float
+    enroll_max_s: float
+    max_speakers: int
+    model: str
+    threshold: float
+    version: str
+
+
+class EmbeddingOut(BaseModel):
+    embedding: list[float]
+    dim: int
+    duration_s: float
+    level_dbfs: float
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+def _bad(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+async def _read_frames(ws: WebSocket, queue: asyncio.Queue) -> None:
+    """Move frames from the socket into `queue`; None marks the end."""
+    try:
+        while True:
+            m = await ws.receive()
+            if m["type"] == "websocket.disconnect":
+                break
+            t = time.monotonic()
+            if m.get("text") is not None:
+                await queue.put((True, m["text"], t))
+            elif m.get("bytes") is not None:
+                await queue.put((False, m["bytes"], t))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        pass  # a broken socket ends the stream like a disconnect
+    await queue.put(None)
+
+
+async def _keepalive(actor, conn: int) -> None:
+    while True:
+        await asyncio.sleep(KEEPALIVE_S)
+        try:
+            await actor.touch.remote(conn)
+        except Exception:
+            return
+
+
+async def _fatal(ws: WebSocket, code: str, message: str) -> None:
+    """Send a fatal error and close with its code."""
+    try:
+        await ws.send_text(json.dumps(error(code, message)))
+    except Exception:
+        pass
+    await _close(ws, CLOSE_CODES[code])
+
+
+async def _close(ws: WebSocket, code: int) -> None:
+    if ws.application_state != WebSocketState.DISCONNECTED:
+        try:
+            await ws.close(code=code)
+        except Exception:
+            pass
+
+
+@serve.deployment(
+    name="Ingress",
+    # Every open WebSocket is an ongoing request: this caps sessions per replica.
+    max_ongoing_requests=2000,
+    ray_actor_options={"num_cpus": 0},
+)
+@serve.ingress(app)
+class Ingress:
+    """HTTP and WebSocket front door; holds no session state itself."""
+
+    def __init__(self, embedder: DeploymentHandle) -> None:
+        self.settings = Settings.from_env()
+        self.embedder = embedder
+        self.active = 0
+
+    # ------------------------------------------------------------------ HTTP
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz(self):
+        """`ok` once an embedding replica has loaded the model."""
+        try:
+            await asyncio.wait_for(self.embedder.info.remote(), timeout=5.0)
+        except Exception:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/info", response_model=Info)
+    async def info(self):
+        """The session-independent values of the `ready` message."""
+        return {**self.settings.info(), "version": __version__}
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingOut,
+        responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}},
+    )
+    async def embeddings(self, request: Request):
+        """Embed a WAV file: multipart field `file`, or a raw `audio/wav` body.
+
+        Any rate and channel count (mixed to mono, resampled), at most 60 s.
+        Returns the model's raw (not length-normalised) 192-dim embedding.
+        """
+        cap = int(self.settings.max_upload_s * 96000 * 8 * 4) + 1_000_000
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return _bad(413, "too_long", f"upload larger than {cap} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        data = body
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            request._body = body  # let Starlette parse what we already read
+            try:
+                form = await request.form()
+            except Exception as exc:
+                return _bad(400, "bad_audio", f"unreadable multipart body: {exc}")
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                return _bad(400, "bad_audio", "multipart field 'file' is missing")
+            data = await upload.read()
+        try:
+            audio, duration = decode_wav(data, self.settings.max_upload_s)
+        except AudioError as exc:
+            status = 413 if exc.code == "too_long" else 400
+            return _bad(status, exc.code, str(exc))
+        [emb] = await self.embedder.embed.remote([audio])
+        return {
+            "embedding": np.asarray(emb, dtype=float).tolist(),
+            "dim": EMBEDDING_DIM,
+            "duration_s": round(duration, 4),
+            "level_dbfs": round(levels.rms_dbfs(audio), 2),
+        }
+
+    # ------------------------------------------------------------- WebSocket
+    @app.websocket("/v1/stream")
+    async def stream(self, ws: WebSocket) -> None:
+        """Protocol v1; see docs/protocol.md."""
+        await ws.accept()
+        if not self._authorized(ws):
+            await _fatal(ws, "unauthorized", "missing or wrong API token")
+            return
+        if self.active >= self.settings.max_sessions:
+            await _fatal(ws, "overloaded", "too many sessions; try again later")
+            return
+        self.active += 1
+        try:
+            opened = await self._open_session(ws)
+            if opened is not None:
+                await self._pump(ws, *opened)
+        finally:
+            self.active -= 1
+
+    def _authorized(self, ws: WebSocket) -> bool:
+        expected = self.settings.api_token
+        if not expected:
+            return True
+        given = ws.query_params.get("token", "")
+        auth = ws.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def _open_session(self, ws: WebSocket):
+        """Create or resume the session; returns (actor, conn, session_id)."""
+        sid = ws.query_params.get("session")
+        if sid is not None:
+            token = ws.query_params.get("resume_token", "")
+            try:
+                actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
+                conn = await actor.attach.remote(token)
+            except Exception:
+                conn = 0
+            if not conn:
+                await _fatal(
+                    ws, "session_expired", "no such session, or its TTL has passed"
+                )
+                return None
+        else:
+            sid = secrets.token_hex(16)
+            token = secrets.token_urlsafe(32)
+            actor = SessionActor.options(
+                name=actor_name(sid), namespace=NAMESPACE, lifetime="detached"
+            ).remote(self.settings, self.embedder, sid, token)
+            try:
+                conn = await actor.attach.remote()
+            except Exception as exc:
+                logger.error("could not start a SessionActor: %r", exc)
+                await _fatal(ws, "overloaded", "could not start a session; try later")
+                return None
+        ready = {"type": "ready", **self.settings.info()}
+        ready.update(session_id=sid, resume_token=token)
+        await ws.send_text(json.dumps(ready))
+        logger.info("session %s attached (connection %d)", sid, conn)
+        return actor, conn, sid
+
+    async def _pump(self, ws: WebSocket, actor, conn: int, sid: str) -> None:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_FRAMES)
+        reader = asyncio.create_task(_read_frames(ws, queue))
+        keepalive = asyncio.create_task(_keepalive(actor, conn))
+        ended = False
+        try:
+            eof = False
+            while not eof:
+                item = await queue.get()
+                if item is None:
+                    break
+                frames = [item]
+                while len(frames) < BATCH_FRAMES and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is None:
+                        eof = True
+                        break
+                    frames.append(nxt)
+                try:
+                    messages, close = await actor.handle.remote(conn, frames)
+                except Exception as exc:
+                    logger.error("session %s: actor failed: %r", sid, exc)
+                    await _fatal(ws, "internal", "the session failed unexpectedly")
+                    return
+                for msg in messages:
+                    recv_t = msg.pop("_recv_t", None)
+                    if recv_t is not None:
+                        msg["latency_ms"] = round((time.monotonic() - recv_t) * 1e3, 1)
+                    await ws.send_text(json.dumps(msg))
+                if close is not None:
+                    ended = close == 1000
+                    await _close(ws, close)
+                    return
+        except (WebSocketDisconnect, RuntimeError, ConnectionError):
+            pass  # the client went away mid-send
+        finally:
+            reader.cancel()
+            keepalive.cancel()
+            if ended:
+                ray.kill(actor, no_restart=True)
+                logger.info("session %s ended", sid)
+            else:
+                try:
+                    await actor.detach.remote(conn)
+                except Exception:
+                    pass
+                logger.info("session %s detached", sid)
