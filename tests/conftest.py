@@ -1,0 +1,105 @@
+"""Shared fixtures: paths to the real data and model, and a live Serve app."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SPEAKERS = SHARED / "data" / "speakers"
+SHARED_MODEL = SHARED / "models" / "spkrec-ecapa-voxceleb"
+
+API_TOKEN = "test-token-0123456789"
+E2E_ENV = {
+    "DIGLETT_API_TOKEN": API_TOKEN,
+    "DIGLETT_SESSION_TTL_S": "4",
+    "DIGLETT_MAX_SESSIONS": "8",
+}
+
+
+def model_dir() -> Path | None:
+    """The model folder to test with: $DIGLETT_MODEL_DIR or the shared copy."""
+    configured = os.environ.get("DIGLETT_MODEL_DIR")
+    if configured:
+        return Path(configured)
+    return SHARED_MODEL if SHARED_MODEL.is_dir() else None
+
+
+needs_model = pytest.mark.skipif(
+    model_dir() is None,
+    reason="no model: set DIGLETT_MODEL_DIR (or provide ../shared/models)",
+)
+needs_speakers = pytest.mark.skipif(
+    not (SPEAKERS / "manifest.csv").is_file(), reason="no ../shared/data/speakers"
+)
+
+
+def utterances() -> dict[str, list[Path]]:
+    """Dev-set utterances by speaker, longest first."""
+    rows = list(csv.DictReader((SPEAKERS / "manifest.csv").open()))
+    by: dict[str, list[tuple[float, Path]]] = {}
+    for r in rows:
+        by.setdefault(r["speaker"], []).append(
+            (float(r["duration_s"]), SPEAKERS / r["file"])
+        )
+    return {k: [p for _, p in sorted(v, reverse=True)] for k, v in by.items()}
+
+
+def load16(path: Path) -> np.ndarray:
+    """A dev-set WAV as float32 at 16 kHz, shape (n,)."""
+    x, rate = sf.read(path, dtype="float32")
+    assert rate == 16000
+    return x
+
+
+def to_s16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The real Serve app on a local Ray instance; yields its base URLs."""
+    mdir = model_dir()
+    if mdir is None:
+        pytest.skip("no model available")
+    os.environ["DIGLETT_MODEL_DIR"] = str(mdir)
+    os.environ.update(E2E_ENV)
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=400 * 2**20,
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serve_app.app import build_app
+
+    t0 = time.monotonic()
+    serve.run(build_app(), name="diglett", route_prefix="/")
+    startup_s = time.monotonic() - t0
+    yield {
+        "http": f"http://127.0.0.1:{port}",
+        "ws": f"ws://127.0.0.1:{port}/v1/stream",
+        "startup_s": startup_s,
+    }
+    serve.shutdown()
+    ray.shutdown()
+    for key in E2E_ENV:
+        os.environ.pop(key, None)

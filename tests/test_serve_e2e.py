@@ -1,0 +1,403 @@
+"""End to end: the Serve app on local Ray, driven over the real protocol.
+
+Every message type and every error code of protocol v1 goes over a real
+WebSocket to the real ingress, SessionActors and embedding replica.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import API_TOKEN, load16, needs_model, needs_speakers, to_s16, utterances
+
+pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def open_ws(server, query: str = "", headers=AUTH):
+    url = server["ws"] + (("?" + query) if query else "")
+    return connect(url, additional_headers=headers, open_timeout=30, max_size=2**24)
+
+
+def recv(ws, timeout: float = 60.0) -> dict:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def drain(ws, timeout: float = 60.0) -> tuple[list[dict], int | None]:
+    """All messages until the server closes; returns (messages, close code)."""
+    out = []
+    try:
+        while True:
+            out.append(recv(ws, timeout))
+    except ConnectionClosed as exc:
+        return out, exc.rcvd.code if exc.rcvd else None
+
+
+def send_audio(ws, x: np.ndarray, chunk_s: float = 0.25) -> None:
+    n = int(chunk_s * 16000)
+    for i in range(0, x.size, n):
+        ws.send(to_s16(x[i : i + n]))
+
+
+def enroll(ws, name: str, x: np.ndarray) -> dict:
+    ws.send(json.dumps({"type": "enroll", "speaker": name}))
+    send_audio(ws, x)
+    ws.send(json.dumps({"type": "enroll_end"}))
+    return recv(ws)
+
+
+@pytest.fixture(scope="module")
+def voices():
+    u = utterances()
+    return {
+        "a_enroll": load16(u["LS-19"][0])[: 5 * 16000],
+        "a_test": load16(u["LS-19"][3])[: 4 * 16000],
+        "b_enroll": load16(u["LS-26"][0])[: 5 * 16000],
+        "b_test": load16(u["LS-26"][3])[: 4 * 16000],
+        "c_test": load16(u["VCTK-p227"][0])[: 4 * 16000],
+    }
+
+
+def test_http_endpoints(server):
+    with httpx.Client(base_url=server["http"], timeout=60) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        info = c.get("/v1/info").json()
+        assert info["protocol"] == 1 and info["sample_rate"] == 16000
+        assert info["model"] == "speechbrain/spkrec-ecapa-voxceleb"
+        assert {"window_s", "hop_s", "threshold", "max_speakers"} <= set(info)
+        assert c.get("/docs").status_code == 200
+        assert "/v1/embeddings" in c.get("/openapi.json").json()["paths"]
+
+
+def test_embeddings_endpoint(server, voices):
+    # 48 kHz stereo in: mixed to mono and resampled by the server.
+    x16 = voices["a_test"]
+    x48 = np.repeat(x16, 3)
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([x48, x48], axis=1), 48000, format="WAV")
+    wav = buf.getvalue()
+    with httpx.Client(base_url=server["http"], timeout=120) as c:
+        r1 = c.post("/v1/embeddings", files={"file": ("a.wav", wav, "audio/wav")})
+        assert r1.status_code == 200, r1.text
+        body = r1.json()
+        assert body["dim"] == 192 and len(body["embedding"]) == 192
+        assert body["duration_s"] == pytest.approx(4.0, abs=0.01)
+        assert -40 < body["level_dbfs"] < 0
+        r2 = c.post(
+            "/v1/embeddings", content=wav, headers={"Content-Type": "audio/wav"}
+        )
+        assert r2.status_code == 200
+        e1, e2 = np.array(body["embedding"]), np.array(r2.json()["embedding"])
+        assert np.allclose(e1, e2, atol=1e-4)
+        assert np.linalg.norm(e1) > 1.5  # raw, not length-normalised
+        bad = c.post("/v1/embeddings", content=b"RIFF....not a wav")
+        assert bad.status_code == 400 and bad.json()["code"] == "bad_audio"
+        nofield = c.post("/v1/embeddings", files={"other": ("a.wav", wav)})
+        assert nofield.status_code == 400 and nofield.json()["code"] == "bad_audio"
+        long = io.BytesIO()
+        sf.write(long, np.zeros(61 * 8000, dtype=np.float32), 8000, format="WAV")
+        r413 = c.post("/v1/embeddings", content=long.getvalue())
+        assert r413.status_code == 413
+
+
+def test_full_conversation(server, voices):
+    with open_ws(server) as ws:
+        ready = recv(ws)
+        assert ready["type"] == "ready" and ready["protocol"] == 1
+        assert len(ready["session_id"]) >= 32 and len(ready["resume_token"]) >= 32
+        for key in ("window_s", "hop_s", "enroll_min_s", "enroll_max_s", "threshold"):
+            assert key in ready
+        got = enroll(ws, "alice", voices["a_enroll"])
+        assert got["type"] == "enrolled" and got["speaker"] == "alice"
+        assert got["duration_s"] == pytest.approx(5.0, abs=0.01)
+        assert 2.0 < got["speech_s"] <= 5.0 and isinstance(got["warnings"], list)
+        assert enroll(ws, "bob", voices["b_enroll"])["type"] == "enrolled"
+        ws.send(json.dumps({"type": "stream"}))
+        silence = np.zeros(16000, dtype=np.float32)
+        conv = np.concatenate([voices["a_test"], silence, voices["b_test"]])
+        send_audio(ws, conv, chunk_s=0.1)
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    assert code == 1000
+    labels = [m for m in msgs if m["type"] == "label"]
+    summary = msgs[-1]
+    assert summary["type"] == "summary"
+    assert [m["seq"] for m in labels] == list(range(len(labels)))
+    assert len(labels) == conv.size // 8000
+    for prev, nxt in zip(labels, labels[1:]):
+        assert nxt["start_s"] == prev["end_s"]
+    for m in labels:
+        assert m["latency_ms"] >= 0 and -120 <= m["level_dbfs"] <= 0
+        if m["label"] != "silence":
+            assert set(m["scores"]) == {"alice", "bob"}
+    first = [m["label"] for m in labels[2:8]]
+    last = [m["label"] for m in labels[-6:]]
+    assert first.count("alice") >= 5, first
+    assert last.count("bob") >= 5, last
+    assert "silence" in [m["label"] for m in labels[8:10]]
+    assert summary["labels"] == len(labels)
+    assert summary["audio_s"] == pytest.approx(conv.size / 16000, abs=1e-3)
+    assert sum(summary["talk_s"].values()) == pytest.approx(summary["audio_s"])
+
+
+def test_format_48k_float_and_restart(server, voices):
+    with open_ws(server) as ws:
+        recv(ws)
+        ws.send(
+            json.dumps(
+                {"type": "format", "sample_rate": 48000, "encoding": "pcm_f32le"}
+            )
+        )
+        ok = recv(ws)
+        assert ok == {
+            "type": "format_ok",
+            "sample_rate": 48000,
+            "encoding": "pcm_f32le",
+        }
+        x48 = np.interp(
+            np.arange(voices["a_enroll"].size * 3) / 3,
+            np.arange(voices["a_enroll"].size),
+            voices["a_enroll"],
+        ).astype("<f4")
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        for i in range(0, x48.size, 24000):
+            ws.send(x48[i : i + 24000].tobytes())
+        ws.send(json.dumps({"type": "enroll_end"}))
+        assert recv(ws)["type"] == "enrolled"
+        ws.send(json.dumps({"type": "format", "sample_rate": 16000}))
+        assert recv(ws)["code"] == "bad_message"  # after audio has flowed
+        ws.send(json.dumps({"type": "stream"}))
+        ws.send(np.zeros(48000 + 24000, dtype="<f4")[:48000].tobytes())  # 1 s
+        ws.send(np.zeros(12000, dtype="<f4").tobytes())  # 0.25 s
+        ws.send(json.dumps({"type": "stream"}))  # ends the stream, restarts
+        first = [recv(ws) for _ in range(3)]
+        assert [m["seq"] for m in first] == [0, 1, 2]
+        assert first[-1]["end_s"] == pytest.approx(1.25, abs=0.01)
+        assert all(m["label"] == "silence" for m in first)
+        assert all("scores" not in m for m in first)
+        ws.send(np.zeros(24000, dtype="<f4").tobytes())
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    assert [m["seq"] for m in msgs if m["type"] == "label"] == [0]
+    assert msgs[-1]["type"] == "summary" and msgs[-1]["labels"] == 4
+    assert code == 1000
+
+
+def test_recoverable_errors(server, voices):
+    with open_ws(server) as ws:
+        recv(ws)
+        cases = [
+            ("not json", "bad_message"),
+            ("[1, 2]", "bad_message"),
+            ('{"type": "dance"}', "bad_message"),
+            ('{"type": "enroll", "speaker": 7}', "bad_message"),
+            ('{"type": "enroll", "speaker": "noise"}', "bad_message"),
+            ('{"type": "enroll", "speaker": "a/b"}', "bad_message"),
+            ('{"type": "enroll_end"}', "bad_message"),
+            ('{"type": "stream"}', "not_enrolled"),
+            ('{"type": "format", "sample_rate": 4000}', "unsupported_format"),
+            (
+                '{"type": "format", "sample_rate": 16000, "encoding": "mp3"}',
+                "unsupported_format",
+            ),
+            ('{"type": "format", "sample_rate": "16000"}', "bad_message"),
+            ("[" * 100000 + "]" * 100000, "bad_message"),
+        ]
+        for text, code in cases:
+            ws.send(text)
+            m = recv(ws)
+            assert m["type"] == "error" and m["code"] == code, (text[:40], m)
+            assert m["message"]
+        # Stray audio: only the first frame after a control message is answered.
+        ws.send(b"\x00\x00" * 10)
+        ws.send(b"\x00\x00" * 10)
+        assert recv(ws)["code"] == "bad_message"
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        ws.send(b"\x00\x00\x00")  # a byte short of whole samples
+        assert recv(ws)["code"] == "bad_audio"
+        ws.send(json.dumps({"type": "stream"}))  # still enrolling
+        assert recv(ws)["code"] == "bad_message"
+        send_audio(ws, voices["a_enroll"][: 2 * 16000])
+        ws.send(json.dumps({"type": "enroll_end"}))
+        assert recv(ws)["code"] == "enroll_too_short"
+        assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
+        assert enroll(ws, "bob", voices["b_enroll"])["type"] == "enrolled"
+        ws.send(json.dumps({"type": "enroll", "speaker": "carol"}))
+        assert recv(ws)["code"] == "too_many_speakers"
+        # Re-enrolling an existing name replaces it.
+        got = enroll(ws, "alice", voices["a_enroll"])
+        assert got["type"] == "enrolled" and got["speaker"] == "alice"
+        ws.send(
+            json.dumps(
+                {"type": "format", "sample_rate": 16000, "encoding": "pcm_f32le"}
+            )
+        )
+        assert recv(ws)["code"] == "bad_message"
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    assert msgs[-1]["type"] == "summary" and code == 1000
+
+
+def test_bad_float_audio(server, voices):
+    with open_ws(server) as ws:
+        recv(ws)
+        ws.send(
+            json.dumps(
+                {"type": "format", "sample_rate": 16000, "encoding": "pcm_f32le"}
+            )
+        )
+        recv(ws)
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        ws.send(np.array([0.1, np.nan, 0.2], dtype="<f4").tobytes())
+        assert recv(ws)["code"] == "bad_audio"
+        ws.send(np.array([np.inf], dtype="<f4").tobytes())
+        assert recv(ws)["code"] == "bad_audio"
+
+
+@pytest.mark.parametrize(
+    "query,headers",
+    [("", {}), ("", {"Authorization": "Bearer wrong"}), ("token=wrong", {})],
+)
+def test_unauthorized(server, query, headers):
+    with open_ws(server, query, headers) as ws:
+        msgs, code = drain(ws)
+    assert code == 4401
+    assert [m["type"] for m in msgs] == ["error"] and msgs[0]["code"] == "unauthorized"
+
+
+def test_token_in_query(server):
+    with open_ws(server, f"token={API_TOKEN}", {}) as ws:
+        assert recv(ws)["type"] == "ready"
+
+
+def test_frame_too_large(server):
+    with open_ws(server) as ws:
+        recv(ws)
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        ws.send(b"\x00\x00" * 16000)  # exactly 1 s: fine
+        ws.send(b"\x00\x00" * 16001)
+        msgs, code = drain(ws)
+    assert code == 1009 and msgs[-1]["code"] == "frame_too_large"
+
+
+def test_rate_exceeded(server):
+    with open_ws(server) as ws:
+        recv(ws)
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        for _ in range(150):  # 150 s of audio at once: past the 60 s burst
+            try:
+                ws.send(b"\x00\x00" * 16000)
+            except ConnectionClosed:
+                break
+        msgs, code = drain(ws)
+    assert code == 1008 and msgs[-1]["code"] == "rate_exceeded"
+
+
+def test_session_expired(server):
+    with open_ws(server, "session=deadbeef&resume_token=nope") as ws:
+        msgs, code = drain(ws)
+    assert code == 4404 and msgs[0]["code"] == "session_expired"
+
+
+def test_resume_keeps_enrollments(server, voices):
+    with open_ws(server) as ws:
+        ready = recv(ws)
+        assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
+    sid, token = ready["session_id"], ready["resume_token"]
+    with open_ws(server, f"session={sid}&resume_token=wrong") as ws:
+        msgs, code = drain(ws)
+        assert code == 4404
+    with open_ws(server, f"session={sid}&resume_token={token}") as ws:
+        again = recv(ws)
+        assert again["type"] == "ready" and again["session_id"] == sid
+        ws.send(json.dumps({"type": "stream"}))
+        send_audio(ws, voices["a_test"][:16000])
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    labels = [m for m in msgs if m["type"] == "label"]
+    assert len(labels) == 2 and code == 1000
+    assert all("alice" in m.get("scores", {"alice": 0}) for m in labels)
+
+
+def test_resume_after_ttl_fails(server, voices):
+    with open_ws(server) as ws:
+        ready = recv(ws)
+    time.sleep(7)  # TTL is 4 s in the test server
+    q = f"session={ready['session_id']}&resume_token={ready['resume_token']}"
+    with open_ws(server, q) as ws:
+        msgs, code = drain(ws)
+    assert code == 4404
+
+
+def test_internal_error_when_session_dies(server):
+    import ray
+
+    from actors.session_actor import NAMESPACE, actor_name
+
+    with open_ws(server) as ws:
+        ready = recv(ws)
+        ray.kill(ray.get_actor(actor_name(ready["session_id"]), namespace=NAMESPACE))
+        time.sleep(1.0)
+        ws.send(json.dumps({"type": "stream"}))
+        msgs, code = drain(ws)
+    assert code == 1011 and msgs[-1]["code"] == "internal"
+
+
+def test_overloaded(server):
+    opened = []
+    try:
+        for _ in range(8):  # DIGLETT_MAX_SESSIONS=8 in the test server
+            ws = open_ws(server)
+            assert recv(ws)["type"] == "ready"
+            opened.append(ws)
+        with open_ws(server) as ws:
+            msgs, code = drain(ws)
+        assert code == 1013 and msgs[0]["code"] == "overloaded"
+    finally:
+        for ws in opened:
+            ws.close()
+    time.sleep(1.0)
+    with open_ws(server) as ws:
+        assert recv(ws)["type"] == "ready"
+
+
+def test_two_sessions_are_isolated(server, voices):
+    results: dict[str, list[dict]] = {}
+
+    def run(key: str, names: list[str], test: np.ndarray) -> None:
+        with open_ws(server) as ws:
+            recv(ws)
+            for n in names:
+                assert enroll(ws, n, voices[f"{n[0]}_enroll"])["type"] == "enrolled"
+            ws.send(json.dumps({"type": "stream"}))
+            send_audio(ws, test, chunk_s=0.1)
+            ws.send(json.dumps({"type": "end"}))
+            results[key] = drain(ws)[0]
+
+    threads = [
+        threading.Thread(target=run, args=("one", ["alice", "bob"], voices["a_test"])),
+        threading.Thread(target=run, args=("two", ["bea"], voices["b_test"])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    for key, names in (("one", {"alice", "bob"}), ("two", {"bea"})):
+        labels = [m for m in results[key] if m["type"] == "label"]
+        assert labels, key
+        for m in labels:
+            assert set(m.get("scores", names)) == names
+    one = [m["label"] for m in results["one"] if m["type"] == "label"]
+    two = [m["label"] for m in results["two"] if m["type"] == "label"]
+    assert one.count("alice") >= len(one) - 3
+    assert two.count("bea") >= len(two) - 3
