@@ -1,0 +1,139 @@
+"""`diglett` command line: `serve` and `fetch-model`.
+
+`diglett serve` resolves the model first (so a missing model fails here,
+with a clear message, not inside a Ray worker), writes the Serve config with
+the settings applied, runs `serve run` on it and reports when `/healthz`
+answers ok.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from diglett.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "cluster" / "serve.yaml"
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def render_config(base: Path, settings: Settings, gpus: int) -> dict:
+    """The Serve config of `base` with host, port, batching and GPU applied."""
+    config = yaml.safe_load(base.read_text())
+    config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
+    for app in config["applications"]:
+        for dep in app.get("deployments", []):
+            if dep["name"] != "EmbeddingDeployment":
+                continue
+            dep.setdefault("user_config", {}).update(
+                batch_size=settings.batch_size, batch_wait_s=settings.batch_wait_s
+            )
+            if gpus:
+                dep.setdefault("ray_actor_options", {})["num_gpus"] = 1
+                dep["autoscaling_config"]["max_replicas"] = gpus
+    return config
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except Exception:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    settings = Settings.from_env()
+    from diglett.model_store import ModelNotFoundError, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(settings, progress=True)
+    except ModelNotFoundError as exc:
+        print(f"diglett: {exc}", file=sys.stderr)
+        return 2
+    os.environ["DIGLETT_MODEL_DIR"] = str(model_dir)
+    gpus = _gpu_count()
+    config = render_config(Path(args.config), settings, gpus)
+    with tempfile.NamedTemporaryFile(
+        "w", suffix=".yaml", prefix="diglett-serve-", delete=False
+    ) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+        rendered = f.name
+    serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+    print(
+        f"diglett: model {model_dir} ({'GPU x%d' % gpus if gpus else 'CPU'}); "
+        f"starting Ray Serve with {args.config}",
+        flush=True,
+    )
+    proc = subprocess.Popen([serve_bin, "run", rendered], cwd=ROOT)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{host}:{settings.port}"
+    try:
+        if _wait_healthy(base + "/healthz", proc, args.start_timeout):
+            print(
+                f"diglett: ready in {time.monotonic() - t0:.1f} s — "
+                f"ws://{host}:{settings.port}/v1/stream  (docs: {base}/docs)",
+                flush=True,
+            )
+        elif proc.poll() is None:
+            print("diglett: /healthz not ok yet; still starting", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+    finally:
+        os.unlink(rendered)
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from diglett.model_store import ModelNotFoundError, fetch_model
+
+    try:
+        path = fetch_model(Settings.from_env())
+    except ModelNotFoundError as exc:
+        print(f"diglett: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diglett", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="start Ray and the Serve application")
+    p_serve.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p_serve.add_argument("--start-timeout", type=float, default=600.0)
+    p_serve.set_defaults(func=cmd_serve)
+    p_fetch = sub.add_parser("fetch-model", help="fill the model cache")
+    p_fetch.set_defaults(func=cmd_fetch_model)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
