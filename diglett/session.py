@@ -112,8 +112,8 @@ class SessionEngine:
         self._enroll_truncated = False
         self._windower: HopWindower | None = None
         self.stats = TalkStats()
-        self._rate_t0: float | None = None
-        self._rate_received_s = 0.0
+        self._rate_t: float | None = None  # time of the last audio frame
+        self._rate_tokens = settings.rate_burst_s  # seconds of audio allowed now
 
     # ----------------------------------------------------------------- input
     def on_text(self, text: str, t: float) -> list[Action]:
@@ -178,12 +178,17 @@ class SessionEngine:
         self._enroll_chunks = []
 
     def reattach(self) -> None:
-        """A new connection took over the session (resume): fresh stats."""
+        """A new connection took over the session (resume).
+
+        Format, stats and rate budget are per connection; enrollments stay.
+        """
+        self.fmt = InputFormat()
         self.disconnect()
+        self.audio_flowed = False
         self.stats = TalkStats()
         self._stray_answered = False
-        self._rate_t0 = None
-        self._rate_received_s = 0.0
+        self._rate_t = None
+        self._rate_tokens = self.s.rate_burst_s
 
     # ------------------------------------------------------------ completion
     @staticmethod
@@ -392,13 +397,15 @@ class SessionEngine:
             self._enroll_len += x.size
 
     def _rate_exceeded(self, seconds: float, t: float) -> bool:
+        """Token bucket: `max_rate` s of audio per second, `rate_burst_s` deep."""
         if self.s.max_rate <= 0:
             return False
-        if self._rate_t0 is None:
-            self._rate_t0 = t
-        self._rate_received_s += seconds
-        allowed = self.s.rate_burst_s + self.s.max_rate * (t - self._rate_t0)
-        return self._rate_received_s > allowed
+        if self._rate_t is not None:
+            refill = self.s.max_rate * max(0.0, t - self._rate_t)
+            self._rate_tokens = min(self.s.rate_burst_s, self._rate_tokens + refill)
+        self._rate_t = t
+        self._rate_tokens -= seconds
+        return self._rate_tokens < 0
 
     def _fail(self, code: str, message: str) -> list[Action]:
         """An error; fatal codes also close the connection."""

@@ -79,8 +79,12 @@ class HopWindower:
         return hop
 
     def _trim(self) -> None:
-        """Keep only what a future window can still need."""
-        keep_from = max(0, self._emitted + self.hop - self.window)
+        """Keep only what a future window can still need.
+
+        The final hop may be shorter than `hop`, so its window can reach back
+        to `window` samples before the last emitted hop's end.
+        """
+        keep_from = max(0, self._emitted - self.window)
         buf_start = self._total - self._buf.size
         if keep_from > buf_start:
             self._buf = self._buf[keep_from - buf_start :]

@@ -1,0 +1,140 @@
+"""Sound levels and the energy gate (diglett.levels): pure numpy, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diglett import levels
+from diglett.levels import FRAME_SAMPLES, SILENCE_DBFS
+
+SR = 16000
+
+
+def sine(freq: float, seconds: float, amp: float = 1.0, sr: int = SR) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ rms_dbfs
+def test_full_scale_sine_is_minus_3_dbfs():
+    assert levels.rms_dbfs(sine(1000, 1.0)) == pytest.approx(-3.0103, abs=0.01)
+
+
+def test_full_scale_square_is_0_dbfs():
+    x = np.where(np.arange(16000) % 32 < 16, 1.0, -1.0).astype(np.float32)
+    assert levels.rms_dbfs(x) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("amp", [0.5, 0.1, 0.01, 0.001])
+def test_sine_level_scales_with_amplitude(amp):
+    expected = 20 * np.log10(amp) - 3.0103
+    assert levels.rms_dbfs(sine(440, 0.5, amp)) == pytest.approx(expected, abs=0.02)
+
+
+def test_digital_silence_is_minus_120():
+    assert levels.rms_dbfs(np.zeros(8000, dtype=np.float32)) == SILENCE_DBFS == -120.0
+
+
+def test_empty_signal_is_minus_120():
+    assert levels.rms_dbfs(np.zeros(0, dtype=np.float32)) == -120.0
+
+
+def test_tiny_signal_is_floored_at_minus_120():
+    assert levels.rms_dbfs(np.full(100, 1e-9, dtype=np.float32)) == -120.0
+
+
+def test_one_lsb_is_above_floor():
+    x = np.full(1000, 1 / 32768, dtype=np.float32)
+    assert levels.rms_dbfs(x) == pytest.approx(-90.31, abs=0.01)
+
+
+def test_rms_dbfs_returns_plain_float():
+    assert isinstance(levels.rms_dbfs(sine(440, 0.1, 0.3)), float)
+
+
+# ----------------------------------------------------------------- frame_dbfs
+def test_frame_dbfs_one_value_per_20ms_frame():
+    x = sine(440, 1.0, 0.5)
+    db = levels.frame_dbfs(x)
+    assert db.shape == (50,)
+    assert np.all(np.abs(db - (20 * np.log10(0.5) - 3.01)) < 0.1)
+
+
+def test_frame_dbfs_partial_tail_counts_when_at_least_half_a_frame():
+    x = np.full(FRAME_SAMPLES * 2 + FRAME_SAMPLES // 2, 0.5, dtype=np.float32)
+    assert levels.frame_dbfs(x).shape == (3,)
+    x = np.full(FRAME_SAMPLES * 2 + FRAME_SAMPLES // 2 - 1, 0.5, dtype=np.float32)
+    assert levels.frame_dbfs(x).shape == (2,)
+
+
+def test_frame_dbfs_short_and_empty():
+    assert levels.frame_dbfs(np.zeros(0, dtype=np.float32)).shape == (0,)
+    assert levels.frame_dbfs(np.full(100, 0.5, dtype=np.float32)).shape == (0,)
+    assert levels.frame_dbfs(np.full(200, 0.5, dtype=np.float32)).shape == (1,)
+
+
+def test_frame_dbfs_silence_floor():
+    db = levels.frame_dbfs(np.zeros(3200, dtype=np.float32))
+    assert np.all(db == -120.0)
+
+
+# ----------------------------------------------------------------------- gate
+def test_speech_frames_mask_follows_gate():
+    loud = np.full(FRAME_SAMPLES * 3, 0.1, dtype=np.float32)  # -20 dBFS
+    quiet = np.full(FRAME_SAMPLES * 2, 0.001, dtype=np.float32)  # -60 dBFS
+    mask = levels.speech_frames(np.concatenate([loud, quiet]), -50.0)
+    assert mask.tolist() == [True, True, True, False, False]
+
+
+def test_gate_is_inclusive_at_threshold():
+    amp = 10 ** (-50 / 20)
+    x = np.full(FRAME_SAMPLES, amp, dtype=np.float64).astype(np.float32)
+    level = levels.frame_dbfs(x)[0]
+    assert levels.speech_frames(x, float(level)).tolist() == [True]
+    assert levels.speech_frames(x, float(level) + 0.01).tolist() == [False]
+
+
+def test_speech_seconds_counts_gated_frames():
+    x = np.concatenate(
+        [
+            sine(300, 1.0, 0.3),
+            np.zeros(SR // 2, dtype=np.float32),
+            sine(300, 0.5, 0.3),
+        ]
+    )
+    assert levels.speech_seconds(x, -50.0) == pytest.approx(1.5, abs=0.021)
+    assert levels.speech_seconds(np.zeros(SR, dtype=np.float32), -50.0) == 0.0
+    assert levels.speech_seconds(np.zeros(0, dtype=np.float32), -50.0) == 0.0
+
+
+def test_has_speech_min_fraction():
+    hop = np.zeros(8000, dtype=np.float32)  # 25 frames
+    assert not levels.has_speech(hop, -50.0, 0.2)
+    hop[: FRAME_SAMPLES * 5] = 0.1  # 5 of 25 frames = 0.2
+    assert levels.has_speech(hop, -50.0, 0.2)
+    hop[FRAME_SAMPLES * 4 : FRAME_SAMPLES * 5] = 0.0  # 4 of 25 frames
+    assert not levels.has_speech(hop, -50.0, 0.2)
+
+
+def test_has_speech_needs_at_least_one_frame():
+    assert not levels.has_speech(np.zeros(0, dtype=np.float32), -50.0, 0.0)
+    assert not levels.has_speech(np.zeros(8000, dtype=np.float32), -50.0, 0.0)
+    assert levels.has_speech(np.full(320, 0.5, dtype=np.float32), -50.0, 0.0)
+
+
+def test_has_speech_quiet_signal_below_gate():
+    assert not levels.has_speech(sine(300, 0.5, 0.001), -50.0, 0.2)  # ~ -63 dBFS
+    assert levels.has_speech(sine(300, 0.5, 0.01), -50.0, 0.2)  # ~ -43 dBFS
+
+
+# ------------------------------------------------------------------ clipping
+def test_clipping_fraction():
+    assert levels.clipping_fraction(np.zeros(0, dtype=np.float32)) == 0.0
+    assert levels.clipping_fraction(sine(440, 0.5, 0.5)) == 0.0
+    x = np.zeros(1000, dtype=np.float32)
+    x[:10] = 32767 / 32768
+    x[10:20] = -1.0
+    assert levels.clipping_fraction(x) == pytest.approx(0.02)
+    x[:] = 32765 / 32768
+    assert levels.clipping_fraction(x) == 0.0
