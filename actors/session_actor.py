@@ -138,9 +138,11 @@ class SessionActor:
     async def stats(self) -> dict:
         """For tests and benchmarks: which process and node hold the session."""
         import os
+        import sys
 
         return {
             "pid": os.getpid(),
+            "torch_loaded": "torch" in sys.modules,
             "node_id": ray.get_runtime_context().get_node_id(),
             "speakers": sorted(self.engine.enrollments),
         }
