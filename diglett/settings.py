@@ -35,9 +35,9 @@ class Settings:
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
     hub_timeout_s: float = 5.0
     device: str = "auto"
-    threshold: float = 0.3
-    gate_dbfs: float = -50.0
-    speech_min_frac: float = 0.2
+    threshold: float = 0.25
+    gate_dbfs: float = -55.0
+    speech_min_frac: float = 0.4
     window_s: float = 1.5
     hop_s: float = 0.5
     batch_size: int = 32
