@@ -3,30 +3,37 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.diglett-installed
+BASE := $(VENV)/.diglett-base
+DEV := $(VENV)/.diglett-dev
 
-.PHONY: serve test fetch-model format lint bench-accuracy clean
-
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ needed"'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
-	touch $(STAMP)
 
-serve: $(STAMP)
+# The server needs only the base install; tests (and the PyAudio client,
+# built against PortAudio) need the dev extra.
+$(BASE): pyproject.toml | $(PY)
+	$(PY) -m pip install -e .
+	touch $(BASE)
+
+$(DEV): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(BASE) $(DEV)
+
+serve: $(BASE)
 	$(VENV)/bin/diglett serve
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -q -ra
 
-fetch-model: $(STAMP)
+fetch-model: $(BASE)
 	$(VENV)/bin/diglett fetch-model
 
-format: $(STAMP)
+format: $(DEV)
 	$(VENV)/bin/black .
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/black --check .
 
 clean:

@@ -18,7 +18,8 @@ import time
 
 import ray
 
-from diglett.session import Close, SessionEngine
+from diglett import logging_setup
+from diglett.session import Close, EnrollJob, SessionEngine
 from diglett.settings import Settings
 
 logger = logging.getLogger("diglett.session")
@@ -26,6 +27,15 @@ logger = logging.getLogger("diglett.session")
 NAMESPACE = "diglett"
 KEEPALIVE_S = 15.0  # the ingress touches an attached session this often
 EMBED_ATTEMPTS = 2
+# An embedding call that takes longer is abandoned (a replica that died is
+# being replaced, which takes its model load): the client gets `internal`
+# instead of a silent wait, and resumes.
+EMBED_TIMEOUT_S = 8.0
+ENROLL_TIMEOUT_S = 60.0  # whole enrollments queue behind each other in bursts
+
+
+async def _result(response):
+    return await response
 
 
 def actor_name(session_id: str) -> str:
@@ -43,6 +53,7 @@ class SessionActor:
         self, settings: Settings, embedder, session_id: str, resume_token: str
     ) -> None:
         self.settings = settings
+        logging_setup.configure(session_id=session_id, fmt=settings.log_format)
         self.engine = SessionEngine(settings)
         self.embedder = embedder
         self.session_id = session_id
@@ -109,7 +120,11 @@ class SessionActor:
         embeddings = []
         if jobs:
             try:
-                embeddings = await self._embed([j.audio for j in jobs])
+                enrolling = any(isinstance(j, EnrollJob) for j in jobs)
+                embeddings = await self._embed(
+                    [j.audio for j in jobs],
+                    ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S,
+                )
             except Exception as exc:  # the embedding tier failed twice
                 logger.error("session %s: embedding failed: %r", self.session_id, exc)
                 self.engine.state = "closed"
@@ -126,14 +141,37 @@ class SessionActor:
                 )
         return self.engine.finish(actions, embeddings)
 
-    async def _embed(self, signals):
+    async def _embed(self, signals, timeout: float):
+        """One retry (a replica may have died), all within `timeout` s."""
         last: Exception | None = None
+        deadline = time.monotonic() + timeout
         for _ in range(EMBED_ATTEMPTS):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            response = self.embedder.embed.remote(signals)
             try:
-                return await self.embedder.embed.remote(signals)
+                return await asyncio.wait_for(_result(response), left)
+            except asyncio.TimeoutError:
+                response.cancel()  # overloaded or being replaced: no retry
+                raise
             except Exception as exc:
                 last = exc
-        raise last  # type: ignore[misc]
+        raise last or TimeoutError("embedding timed out")
+
+    async def enrollments(self) -> dict:
+        """The enrolled speakers' normalised embeddings (never their audio).
+
+        The ingress keeps this copy so that it can `restore` the session
+        should this actor's process die.
+        """
+        return {k: v for k, v in self.engine.enrollments.items() if v is not None}
+
+    async def restore(self, enrollments: dict) -> None:
+        """Seed a re-created session; it then waits for a resume (TTL)."""
+        self.engine.enrollments.update(enrollments)
+        self._attached = False
+        self._touch()
 
     async def stats(self) -> dict:
         """For tests and benchmarks: which process and node hold the session."""

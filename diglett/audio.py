@@ -151,4 +151,7 @@ def decode_wav(data: bytes, max_s: float) -> tuple[np.ndarray, float]:
     if not np.all(np.isfinite(x)):
         raise AudioError("bad_audio", "the file holds NaN or infinite samples")
     mono = np.clip(x.mean(axis=1), -1.0, 1.0)
-    return resample(mono, rate), duration
+    out = resample(mono, rate)
+    if out.size == 0:  # e.g. one sample at a high rate
+        raise AudioError("bad_audio", "the file holds too little audio")
+    return out, duration

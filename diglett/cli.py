@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from diglett.settings import Settings
+from serve_app.placement import embedding_actor_options
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "cluster" / "serve.yaml"
@@ -40,6 +41,9 @@ def render_config(base: Path, settings: Settings, gpus: int) -> dict:
     """The Serve config of `base` with host, port, batching and GPU applied."""
     config = yaml.safe_load(base.read_text())
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
+    config.setdefault("logging_config", {})["encoding"] = (
+        "JSON" if settings.log_format == "json" else "TEXT"
+    )
     for app in config["applications"]:
         for dep in app.get("deployments", []):
             if dep["name"] != "EmbeddingDeployment":
@@ -50,6 +54,9 @@ def render_config(base: Path, settings: Settings, gpus: int) -> dict:
             if gpus:
                 dep.setdefault("ray_actor_options", {})["num_gpus"] = 1
                 dep["autoscaling_config"]["max_replicas"] = gpus
+            dep["ray_actor_options"] = embedding_actor_options(
+                dep.get("ray_actor_options"), settings
+            )
     return config
 
 

@@ -84,3 +84,55 @@ def _at_least(x: np.ndarray, n: int = MIN_SAMPLES) -> np.ndarray:
     if x.size == 0:
         raise ValueError("cannot embed an empty signal")
     return np.resize(x, n) if x.size < n else x
+
+
+class NoopEmbedder:
+    """BENCHMARK ONLY: a constant embedding per signal, no model.
+
+    Lets `bench/load.py` measure what the serving path itself costs
+    (WebSocket ingress, SessionActors, batching) with the model taken out.
+    Selected by `DIGLETT_EMBEDDER=noop`; never the default.
+    """
+
+    device = "none"
+
+    def __init__(self) -> None:
+        self._vec = np.ones(EMBEDDING_DIM, dtype=np.float32)
+
+    def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
+        return [self._vec for _ in signals]
+
+
+class RandomEcapa:
+    """BENCHMARK ONLY: ECAPA-TDNN of the real shape with random weights.
+
+    The GPU machine cannot receive the 83 MB of weights beside Ray's wheels,
+    and speed does not depend on the weight values. Mirrors the pieces of
+    `EncoderClassifier.encode_batch`: Fbank → sentence mean norm → ECAPA.
+    """
+
+    def __init__(self, device: str) -> None:
+        import torch
+        from speechbrain.lobes.features import Fbank
+        from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+        from speechbrain.processing.features import InputNormalization
+
+        torch.manual_seed(0)
+        self.fbank = Fbank(n_mels=80).to(device)
+        self.norm = InputNormalization(norm_type="sentence", std_norm=False).to(device)
+        self.model = (
+            ECAPA_TDNN(
+                80,
+                channels=[1024, 1024, 1024, 1024, 3072],
+                kernel_sizes=[5, 3, 3, 3, 1],
+                dilations=[1, 2, 3, 4, 1],
+                attention_channels=128,
+                lin_neurons=192,
+            )
+            .to(device)
+            .eval()
+        )
+
+    def encode_batch(self, wavs, wav_lens):
+        feats = self.norm(self.fbank(wavs), wav_lens)
+        return self.model(feats, wav_lens)

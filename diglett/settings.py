@@ -52,6 +52,22 @@ class Settings:
     enroll_max_s: float = 30.0
     max_speakers: int = 2
     max_upload_s: float = 60.0
+    # "ecapa" (the real model); BENCHMARK ONLY: "noop" (a constant vector, to
+    # measure the serving path alone) or "ecapa-random" (real shape, random
+    # weights, for GPU machines the weights cannot reach).
+    embedder: str = "ecapa"
+    # Placement on a multi-node cluster (see README, "Cluster").
+    # SessionActors: Ray scheduling strategy ("SPREAD" or "DEFAULT"), and
+    # optionally a custom resource each one takes 1 unit of, so a node that
+    # advertises `diglett_session: 500` holds at most 500 sessions.
+    session_strategy: str = "SPREAD"
+    session_resource: str = ""
+    # EmbeddingDeployment replicas: a custom resource each takes 1 unit of
+    # (e.g. `diglett_embed`), in addition to any GPU the Serve config asks for.
+    embed_resource: str = ""
+    log_format: str = "json"
+    allowed_origins: str = ""
+    idle_timeout_s: float = 300.0
 
     @classmethod
     def from_env(
@@ -96,6 +112,19 @@ class Settings:
             raise ValueError("DIGLETT_MAX_SPEAKERS must be at least 1")
         if self.batch_size < 1:
             raise ValueError("DIGLETT_BATCH_SIZE must be at least 1")
+        if self.session_strategy.upper() not in ("SPREAD", "DEFAULT"):
+            raise ValueError("DIGLETT_SESSION_STRATEGY must be SPREAD or DEFAULT")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        """Allowed browser origins (lower-case, no trailing '/'); empty: all."""
+        return frozenset(
+            o.strip().rstrip("/").lower()
+            for o in self.allowed_origins.split(",")
+            if o.strip()
+        )
 
     @property
     def hop_samples(self) -> int:

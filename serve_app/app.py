@@ -8,13 +8,27 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from diglett.settings import Settings
 from serve_app.embedding import EmbeddingDeployment
 from serve_app.ingress import Ingress
+from serve_app.placement import embedding_actor_options
 
 
 def build_app(args: dict | None = None) -> Application:
-    """Ingress → EmbeddingDeployment; deployment options come from the config."""
-    return Ingress.bind(EmbeddingDeployment.bind())
+    """Ingress → EmbeddingDeployment; deployment options come from the config.
+
+    `DIGLETT_EMBED_RESOURCE` pins embedding replicas to nodes that advertise
+    that custom resource (a Serve config's `ray_actor_options` replaces these,
+    which is why `diglett serve` applies the same setting to the config).
+    """
+    settings = Settings.from_env()
+    embedding = EmbeddingDeployment
+    if settings.embed_resource:
+        base = EmbeddingDeployment.ray_actor_options
+        embedding = EmbeddingDeployment.options(
+            ray_actor_options=embedding_actor_options(base, settings)
+        )
+    return Ingress.bind(embedding.bind())
 
 
 app = build_app()

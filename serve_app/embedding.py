@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from diglett.settings import Settings
+from serve_app import metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,14 +41,23 @@ class EmbeddingDeployment:
     """Loads ECAPA once per replica and embeds batches of 16 kHz signals."""
 
     def __init__(self) -> None:
-        from diglett.embedder import Embedder
+        from diglett.embedder import Embedder, NoopEmbedder, RandomEcapa, pick_device
         from diglett.model_store import resolve_model_dir
 
         settings = Settings.from_env()
         t0 = time.monotonic()
-        model_dir = resolve_model_dir(settings)
-        self.embedder = Embedder.load(model_dir, settings.device)
-        self.model_dir = str(model_dir)
+        if settings.embedder == "noop":
+            logger.warning("BENCHMARK-ONLY no-op embedder: labels are meaningless")
+            self.embedder, self.model_dir = NoopEmbedder(), ""
+        elif settings.embedder == "ecapa-random":
+            logger.warning("BENCHMARK-ONLY random-weight ECAPA: labels are meaningless")
+            device = pick_device(settings.device)
+            self.embedder = Embedder(RandomEcapa(device), device)
+            self.model_dir = ""
+        else:
+            model_dir = resolve_model_dir(settings)
+            self.embedder = Embedder.load(model_dir, settings.device)
+            self.model_dir = str(model_dir)
         self._configure(settings.batch_size, settings.batch_wait_s)
         self.load_s = time.monotonic() - t0
         logger.info(
@@ -81,7 +91,9 @@ class EmbeddingDeployment:
         flat = [s for r in requests for s in r]
         # The model runs in a thread so the replica keeps accepting requests
         # (and so forms the next batch) while this one computes.
+        t0 = time.monotonic()
         embs = await asyncio.to_thread(self.embedder.embed, flat)
+        metrics.batch(len(flat), time.monotonic() - t0)
         out, k = [], 0
         for r in requests:
             out.append(embs[k : k + len(r)])

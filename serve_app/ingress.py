@@ -31,11 +31,15 @@ from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
 from diglett.protocol import CLOSE_CODES, error
 from diglett.settings import Settings
+from serve_app import metrics
+from serve_app.demo import router as demo_router
+from serve_app.placement import session_actor_options
 
 logger = logging.getLogger("ray.serve")
 
 QUEUE_FRAMES = 64  # frames buffered per connection before back-pressure
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
+SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
 
 app = FastAPI(
     title="Diglett",
@@ -46,6 +50,7 @@ app = FastAPI(
         "docs/protocol.md."
     ),
 )
+app.include_router(demo_router)  # the browser demo at /demo (serve_app/demo.py)
 
 
 class Health(BaseModel):
@@ -113,6 +118,7 @@ async def _keepalive(actor, conn: int) -> None:
 
 async def _fatal(ws: WebSocket, code: str, message: str) -> None:
     """Send a fatal error and close with its code."""
+    metrics.error(code)
     try:
         await ws.send_text(json.dumps(error(code, message)))
     except Exception:
@@ -209,16 +215,21 @@ class Ingress:
         if not self._authorized(ws):
             await _fatal(ws, "unauthorized", "missing or wrong API token")
             return
+        if not self._origin_allowed(ws):
+            await _fatal(ws, "unauthorized", "this Origin is not allowed")
+            return
         if self.active >= self.settings.max_sessions:
             await _fatal(ws, "overloaded", "too many sessions; try again later")
             return
         self.active += 1
+        metrics.set_active(self.active)
         try:
             opened = await self._open_session(ws)
             if opened is not None:
                 await self._pump(ws, *opened)
         finally:
             self.active -= 1
+            metrics.set_active(self.active)
 
     def _authorized(self, ws: WebSocket) -> bool:
         expected = self.settings.api_token
@@ -230,8 +241,16 @@ class Ingress:
             given = auth[7:].strip()
         return hmac.compare_digest(given.encode(), expected.encode())
 
+    def _origin_allowed(self, ws: WebSocket) -> bool:
+        """Browsers send Origin; non-browser clients may omit it."""
+        allowed = self.settings.origins
+        origin = ws.headers.get("origin")
+        if not allowed or origin is None:
+            return True
+        return origin.strip().rstrip("/").lower() in allowed
+
     async def _open_session(self, ws: WebSocket):
-        """Create or resume the session; returns (actor, conn, session_id)."""
+        """Create or resume the session; returns (actor, conn, id, resume token)."""
         sid = ws.query_params.get("session")
         if sid is not None:
             token = ws.query_params.get("resume_token", "")
@@ -249,29 +268,76 @@ class Ingress:
             sid = secrets.token_hex(16)
             token = secrets.token_urlsafe(32)
             actor = SessionActor.options(
-                name=actor_name(sid), namespace=NAMESPACE, lifetime="detached"
+                name=actor_name(sid),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                **session_actor_options(self.settings),
             ).remote(self.settings, self.embedder, sid, token)
             try:
-                conn = await actor.attach.remote()
+                conn = await asyncio.wait_for(
+                    actor.attach.remote(), SESSION_START_TIMEOUT_S
+                )
             except Exception as exc:
                 logger.error("could not start a SessionActor: %r", exc)
+                ray.kill(actor, no_restart=True)
                 await _fatal(ws, "overloaded", "could not start a session; try later")
                 return None
         ready = {"type": "ready", **self.settings.info()}
         ready.update(session_id=sid, resume_token=token)
         await ws.send_text(json.dumps(ready))
-        logger.info("session %s attached (connection %d)", sid, conn)
-        return actor, conn, sid
+        metrics.session_opened(resumed=conn > 1)
+        logger.info(
+            "session %s attached (connection %d)", sid, conn, extra={"session_id": sid}
+        )
+        return actor, conn, sid, token
 
-    async def _pump(self, ws: WebSocket, actor, conn: int, sid: str) -> None:
+    async def _restore(self, sid: str, token: str, enrollments: dict) -> None:
+        """Re-create a session whose actor died, with its enrollments, detached.
+
+        The client got `internal`; its resume then finds the session again.
+        """
+        for _ in range(20):  # the dead actor's name is freed asynchronously
+            try:
+                actor = SessionActor.options(
+                    name=actor_name(sid),
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    **session_actor_options(self.settings),
+                ).remote(self.settings, self.embedder, sid, token)
+                await actor.restore.remote(enrollments)
+                logger.info("session %s restored after its actor died", sid)
+                return
+            except Exception as exc:
+                last = exc
+                await asyncio.sleep(0.25)
+        logger.error("session %s could not be restored: %r", sid, last)
+
+    async def _pump(
+        self, ws: WebSocket, actor, conn: int, sid: str, token: str
+    ) -> None:
         queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_FRAMES)
         reader = asyncio.create_task(_read_frames(ws, queue))
         keepalive = asyncio.create_task(_keepalive(actor, conn))
         ended = False
+        idle_s = (
+            self.settings.idle_timeout_s if self.settings.idle_timeout_s > 0 else None
+        )
         try:
+            # A copy of the enrollments (embeddings only), to restore the
+            # session should its actor's process die.
+            enrolled = await actor.enrollments.remote()
             eof = False
             while not eof:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), idle_s)
+                except asyncio.TimeoutError:
+                    ended = True
+                    await _fatal(
+                        ws,
+                        "session_expired",
+                        f"no frame for {idle_s:g} s (idle timeout); the session ended",
+                    )
+                    return
                 if item is None:
                     break
                 frames = [item]
@@ -284,13 +350,28 @@ class Ingress:
                 try:
                     messages, close = await actor.handle.remote(conn, frames)
                 except Exception as exc:
-                    logger.error("session %s: actor failed: %r", sid, exc)
-                    await _fatal(ws, "internal", "the session failed unexpectedly")
+                    logger.error(
+                        "session %s: actor failed: %r",
+                        sid,
+                        exc,
+                        extra={"session_id": sid},
+                    )
+                    if isinstance(exc, ray.exceptions.RayActorError):
+                        await self._restore(sid, token, enrolled)
+                    await _fatal(
+                        ws,
+                        "internal",
+                        "the session failed unexpectedly; "
+                        "reconnect with resume_token to continue",
+                    )
                     return
+                if any(m.get("type") == "enrolled" for m in messages):
+                    enrolled = await actor.enrollments.remote()
                 for msg in messages:
                     recv_t = msg.pop("_recv_t", None)
                     if recv_t is not None:
                         msg["latency_ms"] = round((time.monotonic() - recv_t) * 1e3, 1)
+                    metrics.message_sent(msg)
                     await ws.send_text(json.dumps(msg))
                 if close is not None:
                     ended = close == 1000
@@ -303,10 +384,10 @@ class Ingress:
             keepalive.cancel()
             if ended:
                 ray.kill(actor, no_restart=True)
-                logger.info("session %s ended", sid)
+                logger.info("session %s ended", sid, extra={"session_id": sid})
             else:
                 try:
                     await actor.detach.remote(conn)
                 except Exception:
                     pass
-                logger.info("session %s detached", sid)
+                logger.info("session %s detached", sid, extra={"session_id": sid})

@@ -1,0 +1,254 @@
+"""Load generator: many concurrent sessions over real WebSockets.
+
+Each session enrolls two dev-set speakers and streams their speech (looped)
+in 100 ms frames at real-time pace, so the server sees what N microphones
+would send. The number of sessions ramps up step by step; each step reports
+sessions held in real time, label latency (the server's `latency_ms` and
+the client-side lag from a hop's last sample sent to its label received),
+windows/s, CPU and memory, and a PNG of latency against sessions.
+
+    python bench/load.py --steps 2,4,8,12,16 --step-s 40            # real model
+    python bench/load.py --noop --fast --steps 8,16 --step-s 20      # serving path only
+
+`--noop` starts the server with the BENCHMARK-ONLY no-op embedder
+(`DIGLETT_EMBEDDER=noop`); `--fast` sends audio as fast as the server takes
+it (1 s frames) instead of in real time. `--url` targets a running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
+HELD_MS = 500.0  # a label later than this (p95) means the session is not held
+
+
+@dataclass
+class SessionResult:
+    latency_ms: list[float] = field(default_factory=list)  # server's view
+    lag_ms: list[float] = field(default_factory=list)  # client's view
+    windows: int = 0  # labels that needed an embedding
+    labels: int = 0
+    error: str = ""
+
+
+def _s16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def _voices(folder: Path) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
+    """Two 5 s enrollments and a long conversation of the same speakers."""
+    by: dict[str, list[tuple[float, Path]]] = {}
+    for r in csv.DictReader((folder / "manifest.csv").open()):
+        by.setdefault(r["speaker"], []).append(
+            (float(r["duration_s"]), folder / r["file"])
+        )
+    files = {k: [p for _, p in sorted(v, reverse=True)] for k, v in by.items()}
+    rd = lambda p: sf.read(p, dtype="float32")[0]  # noqa: E731
+    a, b = "LS-19", "LS-26"
+    enrolls = [(a, rd(files[a][0])[: 5 * 16000]), (b, rd(files[b][0])[: 5 * 16000])]
+    turns = []
+    for pa, pb in zip(files[a][1:], files[b][1:]):
+        turns += [rd(pa), np.zeros(8000, np.float32), rd(pb)]
+    return enrolls, np.concatenate(turns)
+
+
+async def _session(
+    url: str,
+    headers: dict,
+    enrolls,
+    conv: np.ndarray,
+    start: int,
+    seconds: float,
+    fast: bool,
+) -> SessionResult:
+    import websockets
+
+    res = SessionResult()
+    sent_at: dict[int, float] = {}  # hop seq -> when its last sample was sent
+    try:
+        async with websockets.connect(
+            url, additional_headers=headers, max_size=2**24, open_timeout=60
+        ) as ws:
+            ready = json.loads(await ws.recv())
+            if ready["type"] != "ready":
+                res.error = ready.get("code", "refused")
+                return res
+            for name, x in enrolls:
+                await ws.send(json.dumps({"type": "enroll", "speaker": name}))
+                for i in range(0, x.size, 16000):
+                    await ws.send(_s16(x[i : i + 16000]))
+                await ws.send(json.dumps({"type": "enroll_end"}))
+                reply = json.loads(await ws.recv())
+                if reply["type"] != "enrolled":
+                    res.error = reply.get("code", "enroll failed")
+                    return res
+            await ws.send(json.dumps({"type": "stream"}))
+
+            async def reader():
+                async for raw in ws:
+                    m = json.loads(raw)
+                    if m["type"] == "label":
+                        res.labels += 1
+                        res.windows += "scores" in m
+                        res.latency_ms.append(m["latency_ms"])
+                        t = sent_at.pop(m["seq"], None)
+                        if t is not None:
+                            res.lag_ms.append((time.monotonic() - t) * 1e3)
+                    elif m["type"] == "error":
+                        res.error = m["code"]
+
+            task = asyncio.create_task(reader())
+            chunk = 16000 if fast else 1600
+            t0 = time.monotonic()
+            i = 0
+            while time.monotonic() - t0 < seconds:
+                if not fast:
+                    delay = t0 + i / 16000 - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                j = (start + i) % (conv.size - chunk)
+                await ws.send(_s16(conv[j : j + chunk]))
+                now = time.monotonic()
+                for s in range(i // 8000, (i + chunk) // 8000):
+                    sent_at[s] = now
+                i += chunk
+            await ws.send(json.dumps({"type": "end"}))
+            await asyncio.wait_for(task, 300)
+    except Exception as exc:  # a broken session is a result, not a crash
+        res.error = res.error or type(exc).__name__
+    return res
+
+
+def _ray_memory_mb() -> float:
+    total = 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+            try:
+                total += p.memory_full_info().uss
+            except psutil.Error:
+                pass
+    return total / 2**20
+
+
+async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
+    psutil.cpu_percent(None)
+    t0 = time.monotonic()
+    results = await asyncio.gather(
+        *[
+            _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, args.fast)
+            for k in range(n)
+        ]
+    )
+    wall = time.monotonic() - t0
+    cpu = psutil.cpu_percent(None)
+    lat = np.array([v for r in results for v in r.latency_ms] or [np.nan])
+    lag = np.array([v for r in results for v in r.lag_ms] or [np.nan])
+    held = sum(
+        1
+        for r in results
+        if not r.error and r.lag_ms and np.percentile(r.lag_ms, 95) <= HELD_MS
+    )
+    row = {
+        "sessions": n,
+        "held": held,
+        "errors": sorted({r.error for r in results if r.error}),
+        "labels": sum(r.labels for r in results),
+        "windows_per_s": round(sum(r.windows for r in results) / wall, 1),
+        "labels_per_s": round(sum(r.labels for r in results) / wall, 1),
+        "latency_p50": round(float(np.nanpercentile(lat, 50)), 1),
+        "latency_p95": round(float(np.nanpercentile(lat, 95)), 1),
+        "latency_p99": round(float(np.nanpercentile(lat, 99)), 1),
+        "lag_p50": round(float(np.nanpercentile(lag, 50)), 1),
+        "lag_p95": round(float(np.nanpercentile(lag, 95)), 1),
+        "cpu_percent": cpu,
+        "ray_uss_mb": round(_ray_memory_mb(), 1),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _plot(rows: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["sessions"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("lag_p50", "o-"), ("lag_p95", "s-"), ("latency_p95", "^--")):
+        ax.plot(n, [r[key] for r in rows], style, label=key.replace("_", " "))
+    ax.axhline(HELD_MS, color="grey", lw=0.8, ls=":", label="500 ms")
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def _start_local(args) -> str:
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(ROOT))
+    if args.noop:
+        os.environ["DIGLETT_EMBEDDER"] = "noop"
+    if args.fast:
+        os.environ["DIGLETT_MAX_RATE"] = "0"
+    os.environ.setdefault("DIGLETT_MAX_SESSIONS", "5000")
+    from serve_app.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(), name="diglett", route_prefix="/")
+    return f"ws://127.0.0.1:{port}/v1/stream"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--url", default="")
+    ap.add_argument("--token", default=os.environ.get("DIGLETT_API_TOKEN", ""))
+    ap.add_argument("--steps", default="1,2,4,8")
+    ap.add_argument("--step-s", type=float, default=30.0)
+    ap.add_argument("--noop", action="store_true", help="benchmark-only no-op model")
+    ap.add_argument("--fast", action="store_true", help="send as fast as possible")
+    ap.add_argument("--data", type=Path, default=SPEAKERS)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    url = args.url or _start_local(args)
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    enrolls, conv = _voices(args.data)
+    rows = []
+    for n in [int(x) for x in args.steps.split(",")]:
+        rows.append(asyncio.run(_step(args, url, headers, enrolls, conv, n)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = ("noop" if args.noop else "ecapa") + ("-fast" if args.fast else "")
+    (args.out / f"load-{tag}.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, args.out / f"load-{tag}.png", f"Diglett load ({tag}, this machine)")
+    held = [r["sessions"] for r in rows if r["held"] == r["sessions"]]
+    print(f"sessions held in real time: {max(held) if held else 0}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

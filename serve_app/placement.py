@@ -1,0 +1,33 @@
+"""Where the tiers run on a multi-node cluster, from the settings.
+
+- SessionActors take no CPU (`num_cpus=0`); by default they are spread over
+  the nodes (`DIGLETT_SESSION_STRATEGY=SPREAD`) instead of piling onto the
+  ingress's node. With `DIGLETT_SESSION_RESOURCE=diglett_session` each takes
+  one unit of that custom resource, so only nodes started with e.g.
+  `--resources='{"diglett_session": 500}'` hold sessions, at most 500 each.
+- EmbeddingDeployment replicas go where a GPU is (`num_gpus` in the Serve
+  config) and, with `DIGLETT_EMBED_RESOURCE=diglett_embed`, only on nodes that
+  advertise that resource.
+"""
+
+from __future__ import annotations
+
+from diglett.settings import Settings
+
+
+def session_actor_options(settings: Settings) -> dict:
+    """Extra `.options()` for a SessionActor."""
+    opts: dict = {"scheduling_strategy": settings.session_strategy.upper()}
+    if settings.session_resource:
+        opts["resources"] = {settings.session_resource: 1}
+    return opts
+
+
+def embedding_actor_options(base: dict | None, settings: Settings) -> dict:
+    """`ray_actor_options` of the EmbeddingDeployment with the placement applied."""
+    opts = dict(base or {})
+    if settings.embed_resource:
+        resources = dict(opts.get("resources") or {})
+        resources[settings.embed_resource] = 1
+        opts["resources"] = resources
+    return opts

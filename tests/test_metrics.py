@@ -1,0 +1,138 @@
+"""Operations, fast: metrics helpers, JSON logs, placement options, config.
+
+The real Prometheus scrape (through Ray's metrics agent on a multi-node
+cluster) is in tests/test_multinode.py::test_metrics_scraped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from diglett import logging_setup
+from diglett.cli import render_config
+from diglett.settings import Settings
+from serve_app import metrics
+from serve_app.placement import embedding_actor_options, session_actor_options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_metrics_never_raise_outside_ray():
+    metrics.set_active(3)
+    metrics.session_opened(resumed=False)
+    metrics.batch(4, 0.01)
+    metrics.message_sent({"type": "label", "latency_ms": 12.0})
+    metrics.message_sent({"type": "error", "code": "bad_message"})
+    metrics.message_sent({"type": "enrolled"})
+    metrics.error("internal")
+
+
+def test_metric_names_are_prometheus_safe():
+    import re
+
+    names = re.findall(r'"(diglett_[a-z_]+)"', Path(metrics.__file__).read_text())
+    assert len(set(names)) == 7
+    assert all(re.fullmatch(r"[a-z_][a-z0-9_]*", n) for n in names)
+
+
+def _capture(session_id: str | None) -> tuple[logging.Logger, io.StringIO]:
+    log = logging_setup.configure(session_id=session_id)
+    handler = next(h for h in log.handlers if getattr(h, "_diglett", False))
+    buf = io.StringIO()
+    handler.setStream(buf)
+    return logging.getLogger("diglett.session"), buf
+
+
+def test_json_logs_carry_session_id_and_never_audio():
+    logger, buf = _capture("abc123")
+    pcm = np.zeros(16000, dtype="<i2").tobytes()
+    emb = np.ones(192, dtype=np.float32)
+    logger.info("frame %s embedding %s", pcm, emb)
+    logger.warning("other", extra={"session_id": "explicit", "code": "bad_audio"})
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert lines[0]["session_id"] == "abc123"
+    assert lines[0]["msg"] == "frame <32000 bytes> embedding <array shape=(192,)>"
+    assert lines[0]["level"] == "INFO" and lines[0]["logger"] == "diglett.session"
+    assert lines[1]["session_id"] == "explicit" and lines[1]["code"] == "bad_audio"
+    # Reconfiguring (a new actor in a reused worker) re-stamps, adds no handler.
+    logger2, buf2 = _capture("def456")
+    logger2.info("x")
+    assert json.loads(buf2.getvalue())["session_id"] == "def456"
+    n = sum(
+        getattr(h, "_diglett", False) for h in logging.getLogger("diglett").handlers
+    )
+    assert n == 1
+
+
+def test_placement_defaults_spread_without_resources():
+    s = Settings.from_env({})
+    assert session_actor_options(s) == {"scheduling_strategy": "SPREAD"}
+    assert embedding_actor_options({"num_cpus": 1}, s) == {"num_cpus": 1}
+
+
+def test_placement_custom_resources():
+    s = Settings.from_env(
+        {
+            "DIGLETT_SESSION_RESOURCE": "diglett_session",
+            "DIGLETT_SESSION_STRATEGY": "default",
+            "DIGLETT_EMBED_RESOURCE": "diglett_embed",
+        }
+    )
+    assert session_actor_options(s) == {
+        "scheduling_strategy": "DEFAULT",
+        "resources": {"diglett_session": 1},
+    }
+    base = {"num_cpus": 1, "resources": {"other": 2}}
+    assert embedding_actor_options(base, s) == {
+        "num_cpus": 1,
+        "resources": {"other": 2, "diglett_embed": 1},
+    }
+    assert base == {"num_cpus": 1, "resources": {"other": 2}}  # not mutated
+
+
+def test_rendered_configs_are_valid_serve_configs():
+    from ray.serve.schema import ServeDeploySchema
+
+    s = Settings.from_env({"DIGLETT_EMBED_RESOURCE": "diglett_embed"})
+    rendered = render_config(ROOT / "cluster" / "serve.yaml", s, gpus=2)
+    ServeDeploySchema.model_validate(rendered)
+    [emb] = [
+        d
+        for d in rendered["applications"][0]["deployments"]
+        if d["name"] == "EmbeddingDeployment"
+    ]
+    assert emb["ray_actor_options"]["num_gpus"] == 1
+    assert emb["ray_actor_options"]["resources"] == {"diglett_embed": 1}
+    assert rendered["logging_config"]["encoding"] == "JSON"
+    text = Settings.from_env({"DIGLETT_LOG_FORMAT": "text"})
+    assert (
+        render_config(ROOT / "cluster" / "serve.yaml", text, 0)["logging_config"][
+            "encoding"
+        ]
+        == "TEXT"
+    )
+    cluster = yaml.safe_load((ROOT / "cluster" / "serve-cluster.yaml").read_text())
+    ServeDeploySchema.model_validate(cluster)
+
+
+def test_kuberay_manifest_embeds_the_cluster_serve_config():
+    docs = list(
+        yaml.safe_load_all((ROOT / "cluster" / "kuberay-rayservice.yaml").read_text())
+    )
+    [svc] = [d for d in docs if d and d.get("kind") == "RayService"]
+    serve_cfg = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    cluster = yaml.safe_load((ROOT / "cluster" / "serve-cluster.yaml").read_text())
+    assert serve_cfg["applications"] == cluster["applications"]
+    groups = {
+        g["groupName"]: g for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
+    assert "diglett_embed" in groups["embed-gpu"]["rayStartParams"]["resources"]
+    assert "diglett_session" in groups["sessions-cpu"]["rayStartParams"]["resources"]
+    gpu = groups["embed-gpu"]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == 1

@@ -1,0 +1,432 @@
+"""A real multi-node Ray cluster on one machine: placement, node loss, metrics.
+
+Three `ray start` nodes (separate raylets, object stores and agents, each in
+its own process group) form one cluster:
+
+- head: GCS, dashboard (state API), Serve controller and proxy, the Ingress
+  (pinned with `diglett_ingress`), and room for sessions (`diglett_session`);
+- embed: `diglett_embed` — the only node an EmbeddingDeployment replica may use
+  (the GPU node's stand-in);
+- sessions: `diglett_session` — a CPU node for SessionActors.
+
+The app is deployed by a separate driver process, as `serve deploy` would.
+The tests check placement through Ray's state API, then kill the sessions
+node (SIGKILL to its process group: a crashed machine) in mid-stream and
+check what the client sees, then scrape every node's Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import ROOT, load16, model_dir, needs_model, needs_speakers, to_s16
+from conftest import utterances
+
+pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Node:
+    """One `ray start --block` node in its own process group."""
+
+    def __init__(self, name: str, args: list[str], env: dict, log: Path) -> None:
+        self.name = name
+        self.metrics_port = int(args[args.index("--metrics-export-port") + 1])
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--block", *args],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the whole node: raylet, agents and its workers."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+
+def node_args(ports: list[int], metrics_port: int, cpus: int, resources: dict):
+    nm, om, agent_http, agent_grpc, renv = ports
+    return [
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}",
+        "--num-gpus=0",
+        f"--resources={json.dumps(resources)}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={renv}",
+        "--metrics-export-port",
+        str(metrics_port),
+        f"--object-store-memory={100 * 2**20}",
+        "--disable-usage-stats",
+    ]
+
+
+def http_json(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, json.loads(r.read() or b"null")
+
+
+def alive(dash_url: str) -> int:
+    from ray.util.state import list_nodes
+
+    return len(list_nodes(address=dash_url, filters=[("state", "=", "ALIVE")]))
+
+
+def wait_for(what: str, fn, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as exc:
+            last = exc
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+DRIVER = """
+import os, sys
+import ray
+from ray import serve
+import serve_app.app as appmod
+from serve_app.ingress import Ingress
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+serve.start(proxy_location="HeadOnly",
+            http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
+# The Ingress lives on the head, beside the only proxy.
+appmod.Ingress = Ingress.options(
+    ray_actor_options={"num_cpus": 0, "resources": {"diglett_ingress": 0.01}})
+serve.run(appmod.build_app(), name="diglett", route_prefix="/")
+print("deployed", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    mdir = model_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="dgmn-", dir="/tmp"))  # short: socket paths
+    gcs, dash, client, http, *rest = free_ports(4 + 3 * 6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(
+        DIGLETT_MODEL_DIR=str(mdir),
+        DIGLETT_DEVICE="cpu",
+        DIGLETT_SESSION_RESOURCE="diglett_session",
+        DIGLETT_EMBED_RESOURCE="diglett_embed",
+        DIGLETT_SESSION_TTL_S="30",
+        DIGLETT_API_TOKEN="",
+        RAY_USAGE_STATS_ENABLED="0",
+        # Ray 2.60 turns token auth on for new local clusters; this private
+        # test cluster listens on 127.0.0.1 only.
+        RAY_AUTH_MODE="disabled",
+        RAY_metrics_report_interval_ms="1000",
+        OMP_NUM_THREADS="1",
+    )
+    specs = {
+        "head": (1, {"diglett_session": 100, "diglett_ingress": 1}),
+        "embed": (1, {"diglett_embed": 1}),
+        "sessions": (1, {"diglett_session": 100}),
+    }
+    nodes: dict[str, Node] = {}
+    dash_url = f"http://127.0.0.1:{dash}"
+    try:
+        for i, (name, (cpus, res)) in enumerate(specs.items()):
+            p = rest[i * 6 : i * 6 + 6]
+            args = node_args(p[:5], p[5], cpus, res)
+            if name == "head":
+                args += [
+                    "--head",
+                    f"--port={gcs}",
+                    f"--ray-client-server-port={client}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    f"--temp-dir={tmp}",
+                ]
+            else:
+                args += [f"--address=127.0.0.1:{gcs}"]
+            nodes[name] = Node(name, args, env, tmp / f"{name}.log")
+            if name == "head":
+                wait_for(
+                    "the dashboard", lambda: http_json(dash_url + "/api/version"), 90
+                )
+            # One node at a time: nodes joining together race for the same
+            # socket and log names in the shared session folder.
+            wait_for(f"{i + 1} alive nodes", lambda: alive(dash_url) == i + 1, 90)
+        subprocess.run(
+            [sys.executable, "-c", DRIVER, f"127.0.0.1:{gcs}", str(http)],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            timeout=240,
+        )
+        base = f"http://127.0.0.1:{http}"
+        wait_for("/healthz", lambda: http_json(base + "/healthz")[0] == 200, 120)
+        yield {
+            "dash": dash_url,
+            "http": base,
+            "ws": f"ws://127.0.0.1:{http}/v1/stream",
+            "nodes": nodes,
+            "tmp": tmp,
+        }
+    except BaseException:
+        for node in nodes.values():  # say why, before the logs go
+            print(f"--- {node.name} (exit {node.proc.poll()}):")
+            print(node.log_path.read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        for node in reversed(list(nodes.values())):
+            node.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    u = utterances()
+    return load16(u["LS-19"][0])[: 5 * 16000], load16(u["LS-19"][3])[: 4 * 16000]
+
+
+def open_ws(cluster, query: str = ""):
+    url = cluster["ws"] + (("?" + query) if query else "")
+    return connect(url, open_timeout=30, max_size=2**24)
+
+
+def recv(ws, timeout: float = 30.0) -> dict:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def enroll(ws, x: np.ndarray) -> dict:
+    ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+    for i in range(0, x.size, 8000):
+        ws.send(to_s16(x[i : i + 8000]))
+    ws.send(json.dumps({"type": "enroll_end"}))
+    return recv(ws)
+
+
+def layout(cluster) -> dict:
+    """{node name: [actor class names]} from the state API, plus raw rows."""
+    from ray.util.state import list_actors, list_nodes
+
+    names = {}
+    for n in list_nodes(address=cluster["dash"], detail=True):
+        res = n.resources_total or {}
+        if "diglett_embed" in res:
+            names[n.node_id] = "embed"
+        elif "diglett_ingress" in res:
+            names[n.node_id] = "head"
+        else:
+            names[n.node_id] = "sessions"
+    actors = list_actors(
+        address=cluster["dash"], filters=[("state", "=", "ALIVE")], limit=1000
+    )
+    out: dict[str, list] = {}
+    for a in actors:
+        out.setdefault(names.get(a.node_id, a.node_id), []).append(
+            (a.class_name, a.name)
+        )
+    return out
+
+
+def node_of(placed: dict, actor_name: str) -> str | None:
+    for node, actors in placed.items():
+        if any(name == actor_name for _, name in actors):
+            return node
+    return None
+
+
+def test_placement(cluster, speech):
+    enroll_x, _ = speech
+    sockets, sids = [], []
+    try:
+        for _ in range(6):
+            ws = open_ws(cluster)
+            sids.append(recv(ws)["session_id"])
+            sockets.append(ws)
+        assert enroll(sockets[0], enroll_x)["type"] == "enrolled"
+        placed = layout(cluster)
+        print("\nobserved layout:", json.dumps(placed, indent=1))
+        from ray.util.state import list_nodes
+
+        resources = {
+            tuple(sorted(k for k in (n.resources_total or {}) if "diglett" in k))
+            for n in list_nodes(address=cluster["dash"], detail=True)
+        }
+        assert resources == {
+            ("diglett_ingress", "diglett_session"),
+            ("diglett_embed",),
+            ("diglett_session",),
+        }
+        session_nodes = {node_of(placed, f"session-{s}") for s in sids}
+        embed_nodes = {
+            n
+            for n, acts in placed.items()
+            for c, _ in acts
+            if "EmbeddingDeployment" in c
+        }
+        ingress_nodes = {
+            n for n, acts in placed.items() for c, _ in acts if c.endswith(":Ingress")
+        }
+        assert embed_nodes == {"embed"}
+        assert ingress_nodes == {"head"}
+        # Sessions only where `diglett_session` is, spread over both such nodes.
+        assert session_nodes == {"head", "sessions"}, session_nodes
+    finally:
+        for ws in sockets:
+            ws.close()
+
+
+def test_session_node_lost_mid_stream(cluster, speech):
+    enroll_x, test_x = speech
+    # A session whose actor sits on the node we are going to kill.
+    extra = []
+    for _ in range(10):
+        ws = open_ws(cluster)
+        ready = recv(ws)
+        if node_of(layout(cluster), f"session-{ready['session_id']}") == "sessions":
+            break
+        extra.append(ws)
+    else:
+        pytest.fail("no session was placed on the sessions node")
+    for w in extra:
+        w.close()
+    assert enroll(ws, enroll_x)["type"] == "enrolled"
+    ws.send(json.dumps({"type": "stream"}))
+    for i in range(0, 2 * 16000, 4000):
+        ws.send(to_s16(test_x[i : i + 4000]))
+    assert recv(ws)["type"] == "label"
+
+    cluster["nodes"]["sessions"].kill()
+    t_kill = time.monotonic()
+    got, code = [], None
+    try:
+        for i in range(2 * 16000, test_x.size, 4000):
+            ws.send(to_s16(test_x[i : i + 4000]))
+            time.sleep(0.1)
+        while True:
+            got.append(recv(ws, timeout=60))
+    except ConnectionClosed as exc:
+        code = exc.rcvd.code if exc.rcvd else None
+    waited = time.monotonic() - t_kill
+    errors = [m for m in got if m["type"] == "error"]
+    print(f"\nafter the kill: {errors} close={code} in {waited:.1f} s")
+    assert [e["code"] for e in errors] == ["internal"]
+    assert code == 1011
+    assert waited < 60
+
+    # Reconnecting works at once: either the ingress restored the session
+    # elsewhere (resume → `ready`, enrollments kept) or it says the session
+    # died with its node (`session_expired`) and a new one starts.
+    q = f"session={ready['session_id']}&resume_token={ready['resume_token']}"
+    t0 = time.monotonic()
+    with open_ws(cluster, q) as ws2:
+        msg = recv(ws2)
+        print(f"resume after the kill: {msg} in {time.monotonic() - t0:.1f} s")
+        if msg["type"] == "ready":
+            assert msg["session_id"] == ready["session_id"]
+            labels = stream_labels(ws2, test_x, cluster, msg["session_id"])
+        else:
+            assert msg["type"] == "error" and msg["code"] == "session_expired"
+    if msg["type"] != "ready":
+        with open_ws(cluster) as ws3:
+            sid = recv(ws3)["session_id"]
+            assert enroll(ws3, enroll_x)["type"] == "enrolled"
+            labels = stream_labels(ws3, test_x, cluster, sid)
+    assert len(labels) == 8 and labels.count("alice") >= 5, labels
+
+
+def stream_labels(ws, x: np.ndarray, cluster, sid: str) -> list[str]:
+    """Stream `x` and end; checks the session sits on the head (the only live
+    node with `diglett_session`); returns the labels."""
+    ws.send(json.dumps({"type": "stream"}))
+    for i in range(0, x.size, 4000):
+        ws.send(to_s16(x[i : i + 4000]))
+    msgs = [recv(ws)]
+    where = node_of(layout(cluster), f"session-{sid}")
+    print(f"session {sid[:8]} now on: {where}")
+    assert where == "head"
+    ws.send(json.dumps({"type": "end"}))
+    while (m := recv(ws))["type"] != "summary":
+        msgs.append(m)
+    return [m["label"] for m in msgs if m["type"] == "label"]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """`ray_diglett_*` samples of one node, as {series with labels: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("ray_diglett_"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def test_metrics_scraped(cluster):
+    nodes = cluster["nodes"]
+    wanted = [
+        "ray_diglett_sessions_active",
+        "ray_diglett_sessions_total",
+        "ray_diglett_windows_embedded_total",
+        "ray_diglett_batch_windows_count",
+        "ray_diglett_embed_seconds_bucket",
+        "ray_diglett_label_latency_seconds_bucket",
+        "ray_diglett_errors_total",
+    ]
+
+    def all_found():
+        samples = {}
+        for name in ("head", "embed"):
+            samples.update(scrape(nodes[name].metrics_port))
+        found = all(any(s.startswith(w) for s in samples) for w in wanted)
+        return samples if found else None
+
+    samples = wait_for("ray_diglett_* series", all_found, 60, every=2)
+    print("\nscraped:")
+    for k in sorted(samples):
+        print(f"  {k} {samples[k]}")
+    windows = [v for k, v in samples.items() if "windows_embedded_total" in k]
+    assert sum(windows) > 0
+    errors = {k: v for k, v in samples.items() if "errors_total" in k}
+    assert any('code="internal"' in k for k in errors), errors
+    assert any('code="session_expired"' in k for k in errors), errors

@@ -1,0 +1,164 @@
+"""Access rules and data hygiene: Origin allow-list, idle timeout, no audio on disk.
+
+The Origin and idle tests run against their own copy of the ingress (beside
+the shared test app, with a stub embedding tier: no model load); the log
+test drives a real session on the shared app and then searches everything
+this Ray instance wrote for the audio and the embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ray import serve
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import API_TOKEN, load16, needs_model, needs_speakers, to_s16, utterances
+from test_faults import deploy_app
+
+pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+APP = f"sec{os.getpid()}"
+IDLE_S = 2.0
+
+
+@serve.deployment(name="EmbeddingDeployment", ray_actor_options={"num_cpus": 0})
+class StubEmbedding:
+    """Constant embeddings: enough for the ingress, no model."""
+
+    async def embed(self, signals):
+        return [np.ones(192, dtype=np.float32) for _ in signals]
+
+    async def info(self):
+        return {}
+
+
+@pytest.fixture(scope="module")
+def sec_server(server):
+    env = {
+        "DIGLETT_ALLOWED_ORIGINS": "https://ok.example, http://localhost:3000/",
+        "DIGLETT_IDLE_TIMEOUT_S": str(IDLE_S),
+    }
+    prefix = deploy_app(APP, env, embedding=StubEmbedding)
+    base = server["ws"].rsplit("/v1/stream", 1)[0]
+    yield f"{base}{prefix}/v1/stream"
+    serve.delete(APP)
+
+
+def drain(ws, timeout: float = 30) -> tuple[list[dict], int | None]:
+    out = []
+    try:
+        while True:
+            out.append(json.loads(ws.recv(timeout=timeout)))
+    except ConnectionClosed as exc:
+        return out, exc.rcvd.code if exc.rcvd else None
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [None, "https://ok.example", "HTTPS://OK.example/", "http://localhost:3000"],
+)
+def test_allowed_origins(sec_server, origin):
+    with connect(sec_server, origin=origin, additional_headers=AUTH) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+
+
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "https://ok.example.evil.com", "null"]
+)
+def test_disallowed_origin(sec_server, origin):
+    with connect(sec_server, origin=origin, additional_headers=AUTH) as ws:
+        msgs, code = drain(ws)
+    assert code == 4401
+    assert [m["code"] for m in msgs] == ["unauthorized"]
+    assert "Origin" in msgs[0]["message"]
+
+
+def test_idle_connection_is_closed(sec_server):
+    t0 = time.monotonic()
+    with connect(sec_server, additional_headers=AUTH) as ws:
+        ready = json.loads(ws.recv(timeout=30))
+        msgs, code = drain(ws)
+    assert code == 4404 and [m["code"] for m in msgs] == ["session_expired"]
+    assert IDLE_S <= time.monotonic() - t0 < IDLE_S + 10
+    # The session ended with it: a resume finds nothing.
+    q = f"?session={ready['session_id']}&resume_token={ready['resume_token']}"
+    with connect(sec_server + q, additional_headers=AUTH) as ws:
+        msgs, code = drain(ws)
+    assert code == 4404
+
+
+def test_busy_connection_is_not_idle(sec_server):
+    with connect(sec_server, additional_headers=AUTH) as ws:
+        json.loads(ws.recv(timeout=30))
+        for _ in range(5):  # a frame every second for 2.5 idle periods
+            ws.send(json.dumps({"type": "enroll_end"}))
+            assert json.loads(ws.recv(timeout=30))["code"] == "bad_message"
+            time.sleep(1.0)
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    assert code == 1000 and msgs[-1]["type"] == "summary"
+
+
+FLOATS = re.compile(rb"(-?\d+\.\d+(e-?\d+)?[,\s]+){16}")
+AUDIO_SUFFIXES = {".wav", ".npy", ".npz", ".pcm", ".raw", ".flac", ".pkl", ".pt"}
+
+
+def test_no_audio_embeddings_or_tokens_in_logs_or_on_disk(server):
+    import ray
+
+    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+    u = utterances()
+    x = load16(u["LS-19"][0])[: 5 * 16000]
+    pcm = to_s16(x)
+    url = server["ws"]
+    with connect(url, additional_headers=AUTH, max_size=2**24) as ws:
+        resume_token = json.loads(ws.recv(timeout=60))["resume_token"]
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        for i in range(0, len(pcm), 16000):
+            ws.send(pcm[i : i + 16000])
+        ws.send(json.dumps({"type": "enroll_end"}))
+        assert json.loads(ws.recv(timeout=120))["type"] == "enrolled"
+        ws.send(json.dumps({"type": "stream"}))
+        for i in range(0, len(pcm), 8000):
+            ws.send(pcm[i : i + 8000])
+        ws.send(b"\x01\x02\x03")  # a bad frame: its error must not echo bytes
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws, 120)
+    assert code == 1000
+    time.sleep(2.0)  # let the log monitors flush
+    # Distinctive stretches of the PCM sent, as bytes and as a repr would show.
+    loud = int(np.argmax(np.abs(x)))
+    probes = [pcm[2 * loud : 2 * loud + 32], pcm[40000:40032]]
+    probes.append(resume_token.encode())  # a secret: never logged either
+    probes += [repr(p)[2:34].encode() for p in probes] + [
+        p.hex().encode() for p in probes
+    ]
+    found = []
+    for path in session_dir.rglob("*"):
+        try:
+            if not path.is_file() or path.stat().st_size > 200 * 2**20:
+                continue
+        except OSError:
+            continue
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            found.append(f"{path}: audio-like file")
+        if "sockets" in path.parts or path.suffix in {".so", ".pyc"}:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        for p in probes:
+            if p in data:
+                found.append(f"{path}: holds sent audio or a token ({p[:8]!r}…)")
+        if path.suffix in {".log", ".out", ".err"} and FLOATS.search(data):
+            found.append(f"{path}: a run of 16 numbers (an array dump?)")
+    assert not found, found
