@@ -312,6 +312,22 @@ class Ingress:
                 await asyncio.sleep(0.25)
         logger.error("session %s could not be restored: %r", sid, last)
 
+    async def _session_failed(
+        self, ws: WebSocket, sid: str, token: str, enrolled: dict, exc: Exception
+    ) -> None:
+        """The SessionActor failed: restore it if it died, tell the client."""
+        logger.error(
+            "session %s: actor failed: %r", sid, exc, extra={"session_id": sid}
+        )
+        if isinstance(exc, ray.exceptions.RayActorError):
+            await self._restore(sid, token, enrolled)
+        await _fatal(
+            ws,
+            "internal",
+            "the session failed unexpectedly; "
+            "reconnect with resume_token to continue",
+        )
+
     async def _pump(
         self, ws: WebSocket, actor, conn: int, sid: str, token: str
     ) -> None:
@@ -322,10 +338,15 @@ class Ingress:
         idle_s = (
             self.settings.idle_timeout_s if self.settings.idle_timeout_s > 0 else None
         )
+        # A copy of the enrollments (embeddings only), to restore the session
+        # should its actor's process die.
+        enrolled: dict = {}
         try:
-            # A copy of the enrollments (embeddings only), to restore the
-            # session should its actor's process die.
-            enrolled = await actor.enrollments.remote()
+            try:
+                enrolled = await actor.enrollments.remote()
+            except Exception as exc:
+                await self._session_failed(ws, sid, token, enrolled, exc)
+                return
             eof = False
             while not eof:
                 try:
@@ -349,24 +370,11 @@ class Ingress:
                     frames.append(nxt)
                 try:
                     messages, close = await actor.handle.remote(conn, frames)
+                    if any(m.get("type") == "enrolled" for m in messages):
+                        enrolled = await actor.enrollments.remote()
                 except Exception as exc:
-                    logger.error(
-                        "session %s: actor failed: %r",
-                        sid,
-                        exc,
-                        extra={"session_id": sid},
-                    )
-                    if isinstance(exc, ray.exceptions.RayActorError):
-                        await self._restore(sid, token, enrolled)
-                    await _fatal(
-                        ws,
-                        "internal",
-                        "the session failed unexpectedly; "
-                        "reconnect with resume_token to continue",
-                    )
+                    await self._session_failed(ws, sid, token, enrolled, exc)
                     return
-                if any(m.get("type") == "enrolled" for m in messages):
-                    enrolled = await actor.enrollments.remote()
                 for msg in messages:
                     recv_t = msg.pop("_recv_t", None)
                     if recv_t is not None:
@@ -379,6 +387,9 @@ class Ingress:
                     return
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
             pass  # the client went away mid-send
+        except Exception as exc:  # never leave a client without a close frame
+            logger.exception("session %s: unexpected error", sid)
+            await _fatal(ws, "internal", f"internal error: {type(exc).__name__}")
         finally:
             reader.cancel()
             keepalive.cancel()
