@@ -37,6 +37,7 @@ from serve_app.placement import session_actor_options
 
 logger = logging.getLogger("ray.serve")
 
+RESTORE_S = 8.0  # longest wait to re-create a dead session before `internal`
 QUEUE_FRAMES = 64  # frames buffered per connection before back-pressure
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
 SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
@@ -114,6 +115,11 @@ async def _keepalive(actor, conn: int) -> None:
             await actor.touch.remote(conn)
         except Exception:
             return
+
+
+async def _await(ref):
+    """An ObjectRef as a coroutine, for asyncio.wait_for."""
+    return await ref
 
 
 async def _fatal(ws: WebSocket, code: str, message: str) -> None:
@@ -296,7 +302,13 @@ class Ingress:
 
         The client got `internal`; its resume then finds the session again.
         """
-        for _ in range(20):  # the dead actor's name is freed asynchronously
+        # The dead actor's name is freed asynchronously, and the new actor
+        # may find no room (e.g. every `diglett_session` slot taken): bounded
+        # in time, so the client always gets its `internal` promptly.
+        deadline = time.monotonic() + RESTORE_S
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            actor = None
             try:
                 actor = SessionActor.options(
                     name=actor_name(sid),
@@ -304,11 +316,16 @@ class Ingress:
                     lifetime="detached",
                     **session_actor_options(self.settings),
                 ).remote(self.settings, self.embedder, sid, token)
-                await actor.restore.remote(enrollments)
+                await asyncio.wait_for(
+                    _await(actor.restore.remote(enrollments)),
+                    max(0.1, deadline - time.monotonic()),
+                )
                 logger.info("session %s restored after its actor died", sid)
                 return
             except Exception as exc:
                 last = exc
+                if isinstance(exc, asyncio.TimeoutError) and actor is not None:
+                    ray.kill(actor, no_restart=True)
                 await asyncio.sleep(0.25)
         logger.error("session %s could not be restored: %r", sid, last)
 
