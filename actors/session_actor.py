@@ -19,6 +19,7 @@ import time
 import ray
 
 from diglett import logging_setup
+from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, SessionEngine
 from diglett.settings import Settings
 
@@ -99,14 +100,8 @@ class SessionActor:
         self._touch()
         if conn != self._conn:
             return (
-                [
-                    {
-                        "type": "error",
-                        "code": "session_expired",
-                        "message": "another connection resumed this session",
-                    }
-                ],
-                4404,
+                [error("session_expired", "another connection resumed this session")],
+                CLOSE_CODES["session_expired"],
             )
         actions: list = []
         for is_text, payload, t in frames:
@@ -130,14 +125,13 @@ class SessionActor:
                 self.engine.state = "closed"
                 return (
                     [
-                        {
-                            "type": "error",
-                            "code": "internal",
-                            "message": "the embedding service failed; "
+                        error(
+                            "internal",
+                            "the embedding service failed; "
                             "reconnect with resume_token to continue",
-                        }
+                        )
                     ],
-                    1011,
+                    CLOSE_CODES["internal"],
                 )
         return self.engine.finish(actions, embeddings)
 

@@ -32,6 +32,8 @@ import numpy as np
 import psutil
 import soundfile as sf
 
+from diglett.audio import encode_s16
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
 HELD_MS = 500.0  # a label later than this (p95) means the session is not held
@@ -46,8 +48,7 @@ class SessionResult:
     error: str = ""
 
 
-def _s16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+_s16 = encode_s16
 
 
 def _voices(folder: Path) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:

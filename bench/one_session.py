@@ -24,6 +24,8 @@ import numpy as np
 import psutil
 import soundfile as sf
 
+from diglett.audio import encode_s16
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
 
@@ -43,8 +45,7 @@ def _utterances(folder: Path) -> dict[str, list[Path]]:
     return {k: [p for _, p in sorted(v, reverse=True)] for k, v in by.items()}
 
 
-def _s16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+_s16 = encode_s16
 
 
 async def _session(url: str, enrolls, conv: np.ndarray, realtime: bool):

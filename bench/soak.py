@@ -37,6 +37,9 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from diglett.audio import encode_s16  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 SPEAKERS = SHARED / "data" / "speakers"
 TOKEN = "soak-token"
@@ -66,8 +69,7 @@ def speech() -> dict[str, list[np.ndarray]]:
     return {k: sorted(v, key=len, reverse=True) for k, v in by.items()}
 
 
-def to_s16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+to_s16 = encode_s16
 
 
 class Session(threading.Thread):

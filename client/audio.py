@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
+
+from diglett.audio import encode_s16
 import soundfile as sf
 
 CHUNK_S = 0.1
@@ -26,8 +28,7 @@ class AudioSetupError(Exception):
     """A microphone or file problem, worded for the user."""
 
 
-def pcm16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
+pcm16 = encode_s16
 
 
 def dbfs(x: np.ndarray) -> float:

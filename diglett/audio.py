@@ -85,6 +85,14 @@ def decode_frame(data: bytes, fmt: InputFormat) -> np.ndarray:
     return np.clip(x, -1.0, 1.0)
 
 
+def encode_s16(x: np.ndarray) -> bytes:
+    """float32 samples in [-1, 1], shape (n,) → the wire's `pcm_s16le` bytes.
+
+    The inverse of `decode_frame` for s16: clips to the int16 range.
+    """
+    return (np.clip(x, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
+
+
 class StreamResampler:
     """Chunk-by-chunk resampler to 16 kHz that keeps its filter state.
 

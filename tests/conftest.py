@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from diglett.audio import encode_s16
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SPEAKERS = SHARED / "data" / "speakers"
@@ -74,8 +76,7 @@ def load16(path: Path) -> np.ndarray:
     return x
 
 
-def to_s16(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+to_s16 = encode_s16
 
 
 def _free_port() -> int:

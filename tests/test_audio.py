@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from diglett.audio import (
+    encode_s16,
     AudioError,
     InputFormat,
     StreamResampler,
@@ -23,8 +24,7 @@ S16 = InputFormat(16000, "pcm_s16le")
 F32 = InputFormat(16000, "pcm_f32le")
 
 
-def s16_bytes(x: np.ndarray) -> bytes:
-    return (np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+s16_bytes = encode_s16
 
 
 def f32_bytes(x: np.ndarray) -> bytes:

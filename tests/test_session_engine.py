@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from diglett import levels
+from diglett.audio import encode_s16
 from diglett.session import Close, EnrollJob, HopJob, SessionEngine
 from diglett.settings import Settings
 
@@ -118,7 +119,7 @@ class Client:
     def encode(self, x: np.ndarray) -> bytes:
         if self.encoding == "pcm_f32le":
             return np.asarray(x, dtype="<f4").tobytes()
-        return (np.clip(x, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
+        return encode_s16(x)
 
     def frame(self, data: bytes, dt: float | None = None) -> list:
         bps = 4 if self.encoding == "pcm_f32le" else 2
