@@ -273,12 +273,7 @@ class Ingress:
         else:
             sid = secrets.token_hex(16)
             token = secrets.token_urlsafe(32)
-            actor = SessionActor.options(
-                name=actor_name(sid),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                **session_actor_options(self.settings),
-            ).remote(self.settings, self.embedder, sid, token)
+            actor = self._spawn(sid, token)
             try:
                 conn = await asyncio.wait_for(
                     actor.attach.remote(), SESSION_START_TIMEOUT_S
@@ -297,6 +292,15 @@ class Ingress:
         )
         return actor, conn, sid, token
 
+    def _spawn(self, sid: str, token: str):
+        """A new named, detached SessionActor, placed by the settings."""
+        return SessionActor.options(
+            name=actor_name(sid),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            **session_actor_options(self.settings),
+        ).remote(self.settings, self.embedder, sid, token)
+
     async def _restore(self, sid: str, token: str, enrollments: dict) -> None:
         """Re-create a session whose actor died, with its enrollments, detached.
 
@@ -310,12 +314,7 @@ class Ingress:
         while time.monotonic() < deadline:
             actor = None
             try:
-                actor = SessionActor.options(
-                    name=actor_name(sid),
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    **session_actor_options(self.settings),
-                ).remote(self.settings, self.embedder, sid, token)
+                actor = self._spawn(sid, token)
                 await asyncio.wait_for(
                     _await(actor.restore.remote(enrollments)),
                     max(0.1, deadline - time.monotonic()),
