@@ -80,7 +80,15 @@ class EmbeddingDeployment:
         """Embeddings (shape (192,), raw) of one caller's signals, in order."""
         if not signals:
             return []
-        return await self._embed_batch(signals)
+        # A backlog (a fast client, a stalled network) can bring more windows
+        # than one batch holds: `@serve.batch` refuses an item larger than
+        # `max_batch_size`, so such a request is split into batch-sized parts.
+        n = self._batch_size
+        if len(signals) <= n:
+            return await self._embed_batch(signals)
+        parts = [signals[i : i + n] for i in range(0, len(signals), n)]
+        done = await asyncio.gather(*(self._embed_batch(p) for p in parts))
+        return [e for part in done for e in part]
 
     @serve.batch(
         max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_windows

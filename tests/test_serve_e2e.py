@@ -401,3 +401,21 @@ def test_two_sessions_are_isolated(server, voices):
     two = [m["label"] for m in results["two"] if m["type"] == "label"]
     assert one.count("alice") >= len(one) - 3
     assert two.count("bea") >= len(two) - 3
+
+
+def test_backlog_larger_than_a_batch(server, voices):
+    """A request with more windows than `max_batch_size` (a client's backlog)
+    is embedded in batch-sized parts, in order, not refused by `@serve.batch`."""
+    from ray import serve
+
+    x = voices["a_enroll"]
+    n = 40  # > the default batch size of 32
+    assert x.size >= 24000 + (n - 1) * 400
+    windows = [x[k * 400 : k * 400 + 24000] for k in range(n)]
+    handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
+    together = handle.embed.remote(windows).result(timeout_s=120)
+    alone = [handle.embed.remote([w]).result(timeout_s=60)[0] for w in windows[::13]]
+    assert len(together) == n
+    for got, want in zip(together[::13], alone):
+        cos = np.dot(got, want) / np.linalg.norm(got) / np.linalg.norm(want)
+        assert cos > 0.9999
