@@ -83,7 +83,11 @@ async def _session(
     sent_at: dict[int, float] = {}  # hop seq -> when its last sample was sent
     try:
         async with websockets.connect(
-            url, additional_headers=headers, max_size=2**24, open_timeout=60
+            url,
+            additional_headers=headers,
+            max_size=2**24,
+            open_timeout=60,
+            compression=None,
         ) as ws:
             ready = json.loads(await ws.recv())
             if ready["type"] != "ready":

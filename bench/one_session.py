@@ -51,7 +51,7 @@ _s16 = encode_s16
 async def _session(url: str, enrolls, conv: np.ndarray, realtime: bool):
     import websockets
 
-    async with websockets.connect(url, max_size=2**24) as ws:
+    async with websockets.connect(url, max_size=2**24, compression=None) as ws:
         ready = json.loads(await ws.recv())
         for name, x in enrolls:
             await ws.send(json.dumps({"type": "enroll", "speaker": name}))

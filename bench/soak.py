@@ -88,6 +88,7 @@ class Session(threading.Thread):
             additional_headers={"Authorization": f"Bearer {TOKEN}"},
             open_timeout=120,
             max_size=2**24,
+            compression=None,
         )
 
     def run(self) -> None:

@@ -107,7 +107,11 @@ class Connection:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             self.ws = await websockets.connect(
-                url, additional_headers=headers, max_size=2**24, open_timeout=30
+                url,
+                additional_headers=headers,
+                max_size=2**24,
+                open_timeout=30,
+                compression=None,  # PCM does not compress; deflate costs both ends CPU
             )
         except InvalidURI:
             raise ClientError(f"not a WebSocket URL: {self.url}") from None

@@ -127,7 +127,13 @@ class Client(threading.Thread):
 
     def open(self, query: str = ""):
         url = self.url + ("?" + query if query else "")
-        return connect(url, additional_headers=AUTH, open_timeout=30, max_size=2**24)
+        return connect(
+            url,
+            additional_headers=AUTH,
+            open_timeout=30,
+            max_size=2**24,
+            compression=None,
+        )
 
     def run(self) -> None:
         try:

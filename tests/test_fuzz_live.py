@@ -33,7 +33,11 @@ BATCH = 40  # messages sent before their replies are read
 
 def open_ws(server):
     return connect(
-        server["ws"], additional_headers=AUTH, open_timeout=30, max_size=2**24
+        server["ws"],
+        additional_headers=AUTH,
+        open_timeout=30,
+        max_size=2**24,
+        compression=None,
     )
 
 

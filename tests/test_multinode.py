@@ -228,7 +228,7 @@ def speech():
 
 def open_ws(cluster, query: str = ""):
     url = cluster["ws"] + (("?" + query) if query else "")
-    return connect(url, open_timeout=30, max_size=2**24)
+    return connect(url, open_timeout=30, max_size=2**24, compression=None)
 
 
 def recv(ws, timeout: float = 30.0) -> dict:
