@@ -3,7 +3,8 @@
 Per WebSocket connection it creates (or, on resume, finds) a SessionActor
 and pumps frames to it. Frames that queue up while the actor is busy are
 sent together in one actor call, so under load the per-call cost is spread
-over many frames, and the queue's bound gives the client TCP back-pressure.
+over many frames; a backlog past `BACKLOG_BYTES` ends the session with
+`overloaded`.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the
@@ -38,7 +39,9 @@ from serve_app.placement import session_actor_options
 logger = logging.getLogger("ray.serve")
 
 RESTORE_S = 8.0  # longest wait to re-create a dead session before `internal`
-QUEUE_FRAMES = 64  # frames buffered per connection before back-pressure
+# Unprocessed input per connection before `overloaded`: about 4 min of
+# 16 kHz s16 audio, 22 s of 96 kHz f32.
+BACKLOG_BYTES = 8 * 2**20
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
 SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
 
@@ -89,23 +92,51 @@ def _bad(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-async def _read_frames(ws: WebSocket, queue: asyncio.Queue) -> None:
-    """Move frames from the socket into `queue`; None marks the end."""
+class _Inbox:
+    """Frames received but not yet processed, bounded in bytes.
+
+    Serve's replica pulls every WebSocket message from the proxy into an
+    unbounded queue of its own, so awaiting a full queue here would give the
+    client no back-pressure: a stream sent faster than the session can label
+    it would only grow the ingress's memory and the labels' lag. Instead the
+    backlog is counted and, past `BACKLOG_BYTES`, the session is ended with
+    `overloaded` (try again later).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.limit = limit
+        self.bytes = 0
+        self.overflow = False
+
+    def put(self, item) -> None:
+        if item is not None:
+            self.bytes += len(item[1])
+            self.overflow = self.overflow or self.bytes > self.limit
+        self.queue.put_nowait(item)
+
+    def taken(self, item) -> None:
+        if item is not None:
+            self.bytes -= len(item[1])
+
+
+async def _read_frames(ws: WebSocket, inbox: _Inbox) -> None:
+    """Move frames from the socket into `inbox`; None marks the end."""
     try:
-        while True:
+        while not inbox.overflow:
             m = await ws.receive()
             if m["type"] == "websocket.disconnect":
                 break
             t = time.monotonic()
             if m.get("text") is not None:
-                await queue.put((True, m["text"], t))
+                inbox.put((True, m["text"], t))
             elif m.get("bytes") is not None:
-                await queue.put((False, m["bytes"], t))
+                inbox.put((False, m["bytes"], t))
     except asyncio.CancelledError:
         raise
     except Exception:
         pass  # a broken socket ends the stream like a disconnect
-    await queue.put(None)
+    inbox.put(None)
 
 
 async def _keepalive(actor, conn: int) -> None:
@@ -347,8 +378,9 @@ class Ingress:
     async def _pump(
         self, ws: WebSocket, actor, conn: int, sid: str, token: str
     ) -> None:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_FRAMES)
-        reader = asyncio.create_task(_read_frames(ws, queue))
+        inbox = _Inbox(BACKLOG_BYTES)
+        queue = inbox.queue
+        reader = asyncio.create_task(_read_frames(ws, inbox))
         keepalive = asyncio.create_task(_keepalive(actor, conn))
         ended = False
         idle_s = (
@@ -375,11 +407,22 @@ class Ingress:
                         f"no frame for {idle_s:g} s (idle timeout); the session ended",
                     )
                     return
+                inbox.taken(item)
+                if inbox.overflow:
+                    ended = True
+                    await _fatal(
+                        ws,
+                        "overloaded",
+                        f"more than {BACKLOG_BYTES >> 20} MiB of this stream wait "
+                        "to be processed: send audio in real time, or try later",
+                    )
+                    return
                 if item is None:
                     break
                 frames = [item]
                 while len(frames) < BATCH_FRAMES and not queue.empty():
                     nxt = queue.get_nowait()
+                    inbox.taken(nxt)
                     if nxt is None:
                         eof = True
                         break

@@ -419,3 +419,31 @@ def test_backlog_larger_than_a_batch(server, voices):
     for got, want in zip(together[::13], alone):
         cos = np.dot(got, want) / np.linalg.norm(got) / np.linalg.norm(want)
         assert cos > 0.9999
+
+
+def test_backlog_past_the_bound_is_overloaded(server, voices):
+    """Audio sent far faster than the session labels it (96 kHz f32, 15 MB at
+    once; within the rate limit's 60 s burst) ends with `overloaded`, instead
+    of piling up in the ingress's memory."""
+    rng = np.random.default_rng(0)
+    frame = (0.3 * rng.standard_normal(96000)).astype("<f4").tobytes()
+    fmt = {"type": "format", "sample_rate": 96000, "encoding": "pcm_f32le"}
+    with open_ws(server) as ws:
+        recv(ws)
+        ws.send(json.dumps(fmt))
+        assert recv(ws)["type"] == "format_ok"
+        ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
+        speech = np.repeat(voices["a_enroll"], 6).astype("<f4")  # 96 kHz
+        for i in range(0, speech.size, 48000):
+            ws.send(speech[i : i + 48000].tobytes())
+        ws.send(json.dumps({"type": "enroll_end"}))
+        assert recv(ws)["type"] == "enrolled"
+        ws.send(json.dumps({"type": "stream"}))
+        for _ in range(40):
+            try:
+                ws.send(frame)
+            except ConnectionClosed:
+                break
+        msgs, code = drain(ws)
+    assert code == 1013 and msgs[-1]["code"] == "overloaded"
+    assert "real time" in msgs[-1]["message"]
