@@ -26,7 +26,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from actors.session_actor import KEEPALIVE_S, NAMESPACE, SessionActor, actor_name
+from actors.session_actor import (
+    EMBED_TIMEOUT_S,
+    ENROLL_TIMEOUT_S,
+    KEEPALIVE_S,
+    NAMESPACE,
+    SessionActor,
+    actor_name,
+)
 from diglett import __version__, levels
 from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
@@ -38,6 +45,7 @@ from serve_app.placement import session_actor_options
 
 logger = logging.getLogger("ray.serve")
 
+CALL_MARGIN_S = 12.0  # a SessionActor call's own work, beyond its embedding wait
 RESTORE_S = 8.0  # longest wait to re-create a dead session before `internal`
 # Unprocessed input per connection before `overloaded`: about 4 min of
 # 16 kHz s16 audio, 22 s of 96 kHz f32.
@@ -92,6 +100,18 @@ def _bad(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
+def _call_timeout(frames: list) -> float:
+    """How long one `SessionActor.handle` call may take before the actor is
+    given up for lost: its embedding wait (`EMBED_TIMEOUT_S`, or
+    `ENROLL_TIMEOUT_S` when the call ends an enrollment) plus a margin.
+
+    Without it a session whose node vanished waits for Ray to declare the
+    node dead, which took over 60 s on a loaded 2-core machine.
+    """
+    enrolling = any(is_text and "enroll_end" in p for is_text, p, _ in frames)
+    return (ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S) + CALL_MARGIN_S
+
+
 class _Inbox:
     """Frames received but not yet processed, bounded in bytes.
 
@@ -110,13 +130,13 @@ class _Inbox:
         self.overflow = False
 
     def put(self, item) -> None:
-        if item is not None:
+        if isinstance(item, tuple):
             self.bytes += len(item[1])
             self.overflow = self.overflow or self.bytes > self.limit
         self.queue.put_nowait(item)
 
     def taken(self, item) -> None:
-        if item is not None:
+        if isinstance(item, tuple):
             self.bytes -= len(item[1])
 
 
@@ -139,11 +159,24 @@ async def _read_frames(ws: WebSocket, inbox: _Inbox) -> None:
     inbox.put(None)
 
 
-async def _keepalive(actor, conn: int) -> None:
+class _ActorLost:
+    """Put in the inbox by the keep-alive when the SessionActor is gone."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+async def _keepalive(actor, conn: int, inbox: "_Inbox") -> None:
+    """Touch the session now and then; a session that died while its client
+    sends nothing (a pause, a listener) is reported at once, not at the
+    next frame."""
     while True:
         await asyncio.sleep(KEEPALIVE_S)
         try:
             await actor.touch.remote(conn)
+        except ray.exceptions.RayActorError as exc:
+            inbox.put(_ActorLost(exc))
+            return
         except Exception:
             return
 
@@ -360,13 +393,19 @@ class Ingress:
         logger.error("session %s could not be restored: %r", sid, last)
 
     async def _session_failed(
-        self, ws: WebSocket, sid: str, token: str, enrolled: dict, exc: Exception
+        self,
+        ws: WebSocket,
+        sid: str,
+        token: str,
+        enrolled: dict,
+        exc: Exception,
+        dead: bool = False,
     ) -> None:
         """The SessionActor failed: restore it if it died, tell the client."""
         logger.error(
             "session %s: actor failed: %r", sid, exc, extra={"session_id": sid}
         )
-        if isinstance(exc, ray.exceptions.RayActorError):
+        if dead or isinstance(exc, ray.exceptions.RayActorError):
             await self._restore(sid, token, enrolled)
         await _fatal(
             ws,
@@ -381,7 +420,7 @@ class Ingress:
         inbox = _Inbox(BACKLOG_BYTES)
         queue = inbox.queue
         reader = asyncio.create_task(_read_frames(ws, inbox))
-        keepalive = asyncio.create_task(_keepalive(actor, conn))
+        keepalive = asyncio.create_task(_keepalive(actor, conn, inbox))
         ended = False
         idle_s = (
             self.settings.idle_timeout_s if self.settings.idle_timeout_s > 0 else None
@@ -419,6 +458,9 @@ class Ingress:
                     return
                 if item is None:
                     break
+                if isinstance(item, _ActorLost):
+                    await self._session_failed(ws, sid, token, enrolled, item.exc)
+                    return
                 frames = [item]
                 while len(frames) < BATCH_FRAMES and not queue.empty():
                     nxt = queue.get_nowait()
@@ -426,11 +468,22 @@ class Ingress:
                     if nxt is None:
                         eof = True
                         break
+                    if isinstance(nxt, _ActorLost):  # its frames fail anyway
+                        continue
                     frames.append(nxt)
                 try:
-                    messages, close = await actor.handle.remote(conn, frames)
+                    messages, close = await asyncio.wait_for(
+                        _await(actor.handle.remote(conn, frames)),
+                        _call_timeout(frames),
+                    )
                     if any(m.get("type") == "enrolled" for m in messages):
                         enrolled = await actor.enrollments.remote()
+                except asyncio.TimeoutError as exc:
+                    # Its node is unreachable (Ray has not declared it dead
+                    # yet), or it hangs: replace it rather than wait.
+                    ray.kill(actor, no_restart=True)
+                    await self._session_failed(ws, sid, token, enrolled, exc, True)
+                    return
                 except Exception as exc:
                     await self._session_failed(ws, sid, token, enrolled, exc)
                     return

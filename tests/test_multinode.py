@@ -72,11 +72,24 @@ class Node:
         )
 
     def kill(self) -> None:
-        """SIGKILL the whole node: raylet, agents and its workers."""
+        """SIGKILL the whole node at once, as a crashed machine: raylet,
+        agents and its workers (which the raylet may start in process groups
+        of their own, and which outlive it for seconds if left alone)."""
+        import psutil
+
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.proc.wait(timeout=30)
 
 
@@ -217,7 +230,8 @@ def cluster():
     finally:
         for node in reversed(list(nodes.values())):
             node.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("DIGLETT_KEEP_TEST_LOGS"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -403,7 +417,10 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_metrics_scraped(cluster):
+    """Run after the node-loss test, whose session got `internal`."""
     nodes = cluster["nodes"]
+    with open_ws(cluster, "session=feedface&resume_token=nope") as ws:
+        assert recv(ws)["code"] == "session_expired"
     wanted = [
         "ray_diglett_sessions_active",
         "ray_diglett_sessions_total",
