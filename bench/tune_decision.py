@@ -36,7 +36,13 @@ as ours at the chosen values (`levels.has_speech(segment, gate_dbfs,
 speech_min_frac)` false → silence), which isolates the effect of the
 embedding/decision method. Labels are mapped onto the same 0.1 s frames.
 
-Usage: .venv/bin/python bench/tune_decision.py [--quick] [--model-dir DIR]
+The tuned "threshold" is the server's relative bar (`rel_threshold`: each
+speaker's bar is that times its enrollment's self-score, see
+diglett/decision.py); with --absolute it is the one cosine threshold for
+all speakers, with relative bars off. Enrollment sub-window embeddings are
+cached by speaker and the digest of their audio.
+
+Usage: .venv/bin/python bench/tune_decision.py [--quick] [--absolute] [--model-dir DIR]
 Writes bench/results/tune_decision.json.
 """
 
@@ -63,7 +69,9 @@ from bench import metrics as mt  # noqa: E402
 from diglett import levels  # noqa: E402
 from diglett.decision import NOISE, SILENCE, cosine_scores, decide  # noqa: E402
 from diglett.decision import normalize  # noqa: E402
-from diglett.session import Close, EnrollJob, HopJob, SessionEngine  # noqa: E402
+from diglett.decision import speaker_threshold  # noqa: E402
+from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob  # noqa: E402
+from diglett.session import SessionEngine  # noqa: E402
 from diglett.settings import SAMPLE_RATE, Settings  # noqa: E402
 
 TUNE = ["LS-19", "LS-26", "VCTK-p225", "VCTK-p226"]
@@ -71,6 +79,9 @@ HELD_OUT = ["ARCTIC-clb", "VCTK-p227", "VCTK-p228"]
 FRAME_SAMPLES = 1600  # 0.1 s per binary frame
 BASELINE_THRESHOLD = 0.25
 GATE_OFF = -1000.0
+# The grid's "threshold" axis: the per-speaker relative bar (the server's
+# default decision), or with --absolute one cosine for all (rel off).
+KNOB = "rel_threshold"
 DEFAULT_MODEL_DIR = ROOT.parent / "shared" / "models" / "spkrec-ecapa-voxceleb"
 
 
@@ -112,7 +123,9 @@ def drive(p: Prepared, settings: Settings, embed_enroll, embed_hop):
     t = 0.0
 
     def embed(job):
-        return embed_enroll(job) if isinstance(job, EnrollJob) else embed_hop(job)
+        if isinstance(job, (EnrollJob, EnrollWindowJob)):
+            return embed_enroll(job)
+        return embed_hop(job)
 
     def handle(actions) -> None:
         if hasattr(eng, "finish"):  # the server's own completion path
@@ -215,6 +228,13 @@ class Cache:
         return c
 
 
+def enroll_key(job: EnrollJob | EnrollWindowJob) -> str:
+    """Cache key of an enrollment job: the speaker, or speaker#digest of a window."""
+    if isinstance(job, EnrollWindowJob):
+        return f"{job.speaker}#{digest(job.audio)}"
+    return job.speaker
+
+
 def cache_path(cache_dir: Path, p: Prepared, settings: Settings, model_dir) -> Path:
     h = hashlib.sha1()
     h.update(p.conv.signal.tobytes())
@@ -264,8 +284,8 @@ def fill_caches(
 
         def on_enroll(job, c=c, todo=todo_enroll):
             d = digest(job.audio)
-            if c.enroll_digest.get(job.speaker) != d:
-                todo.append((job.speaker, d, job.audio))
+            if c.enroll_digest.get(enroll_key(job)) != d:
+                todo.append((enroll_key(job), d, job.audio))
             return dummy
 
         def on_hop(job, c=c, todo=todo_hops):
@@ -307,9 +327,10 @@ def fill_caches(
 
 def cached_embedders(c: Cache):
     def on_enroll(job):
-        if c.enroll_digest.get(job.speaker) != digest(job.audio):
-            raise AssertionError(f"enrollment {job.speaker}: audio not in the cache")
-        return c.enroll[job.speaker]
+        key = enroll_key(job)
+        if c.enroll_digest.get(key) != digest(job.audio):
+            raise AssertionError(f"enrollment {key}: audio not in the cache")
+        return c.enroll[key]
 
     def on_hop(job):
         if c.hop_digest.get(job.seq) != digest(job.window):
@@ -328,6 +349,7 @@ class Evaluated:
     table: mt.FrameTable
     frame_hop: np.ndarray  # hop index of each frame
     scores: list[dict[str, float] | None]  # per hop, None when no window
+    self_scores: dict[str, float | None]  # per enrolled speaker
     baseline_frame_seg: np.ndarray | None = None
 
 
@@ -346,7 +368,7 @@ def evaluate_setup(p: Prepared, c: Cache, base: Settings) -> Evaluated:
     )
     ends = np.array([m["end_s"] for m in labels])
     frame_hop = np.searchsorted(ends, table.centres, side="right")
-    return Evaluated(p, table, frame_hop, scores)
+    return Evaluated(p, table, frame_hop, scores, dict(eng.self_scores))
 
 
 def hop_speech(ev: Evaluated, c: Cache, settings: Settings) -> list[bool]:
@@ -356,10 +378,15 @@ def hop_speech(ev: Evaluated, c: Cache, settings: Settings) -> list[bool]:
 
 
 def hop_classes(ev: Evaluated, speech: list[bool], threshold: float) -> np.ndarray:
+    """Hop classes with `threshold` as the tuned knob (see KNOB)."""
     speakers = ev.prep.conv.speakers
+    rel, absolute = (threshold, 0.0) if KNOB == "rel_threshold" else (0.0, threshold)
+    bars = {
+        n: speaker_threshold(ev.self_scores.get(n), rel, absolute) for n in speakers
+    }
     out = np.empty(len(speech), dtype=int)
     for i, (sp, sc) in enumerate(zip(speech, ev.scores)):
-        lab = decide(sc, threshold) if sp and sc is not None else SILENCE
+        lab = decide(sc, bars) if sp and sc is not None else SILENCE
         out[i] = mt.role_of(lab, speakers)
     return out
 
@@ -472,7 +499,14 @@ def main(argv=None) -> int:
     ap.add_argument("--fracs", default="0.1:0.8:0.1")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: keep)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
+    ap.add_argument(
+        "--absolute",
+        action="store_true",
+        help="tune the absolute threshold with rel_threshold off (the old decision)",
+    )
     args = ap.parse_args(argv)
+    global KNOB
+    KNOB = "threshold" if args.absolute else "rel_threshold"
 
     t_start = time.perf_counter()
     if args.threads:
@@ -480,6 +514,8 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     base = Settings(max_rate=20.0)
+    if args.absolute:
+        base = dataclasses.replace(base, rel_threshold=0.0)
     thresholds = frange(args.thresholds)
     gates = frange(args.gates)
     fracs = frange(args.fracs)
@@ -541,7 +577,7 @@ def main(argv=None) -> int:
     best = grid[0]
     chosen = dataclasses.replace(
         base,
-        threshold=best["threshold"],
+        **{KNOB: best["threshold"]},
         gate_dbfs=best["gate_dbfs"],
         speech_min_frac=best["speech_min_frac"],
     )
@@ -635,7 +671,7 @@ def main(argv=None) -> int:
         )
     print()
     print(
-        f"CHOSEN: threshold={chosen.threshold:g}  gate_dbfs={chosen.gate_dbfs:g}  "
+        f"CHOSEN: {KNOB}={getattr(chosen, KNOB):g}  gate_dbfs={chosen.gate_dbfs:g}  "
         f"speech_min_frac={chosen.speech_min_frac:g}  "
         f"(TUNE 4-class {pct(tune_total.accuracy)}, merged {pct(tune_total.merged_accuracy)})"
     )
@@ -646,12 +682,12 @@ def main(argv=None) -> int:
     print(" method                                          4-class   merged")
     rows = [
         (
-            f"ours, chosen ({chosen.threshold:g}, {chosen.gate_dbfs:g} dBFS, "
+            f"ours, chosen ({KNOB} {getattr(chosen, KNOB):g}, {chosen.gate_dbfs:g} dBFS, "
             f"{chosen.speech_min_frac:g})",
             tot_ours,
         ),
         (
-            f"ours, current defaults ({defaults.threshold:g}, "
+            f"ours, current defaults ({KNOB} {getattr(defaults, KNOB):g}, "
             f"{defaults.gate_dbfs:g} dBFS, {defaults.speech_min_frac:g})",
             tot_def,
         ),
@@ -714,7 +750,9 @@ def main(argv=None) -> int:
             "best_per_value": marginals,
         },
         "chosen": {
+            "knob": KNOB,
             "threshold": chosen.threshold,
+            "rel_threshold": chosen.rel_threshold,
             "gate_dbfs": chosen.gate_dbfs,
             "speech_min_frac": chosen.speech_min_frac,
             "tune": tune_total.as_dict(),
@@ -723,6 +761,7 @@ def main(argv=None) -> int:
             "ours_chosen": tot_ours.as_dict(),
             "ours_current_defaults": {
                 "threshold": defaults.threshold,
+                "rel_threshold": defaults.rel_threshold,
                 "gate_dbfs": defaults.gate_dbfs,
                 "speech_min_frac": defaults.speech_min_frac,
                 **tot_def.as_dict(),

@@ -2,7 +2,16 @@
 
 The decision is an argmax over *all* enrolled speakers (no speaker is
 checked first, unlike the seed project), accepted only when the best cosine
-reaches the threshold; otherwise the speech belongs to nobody enrolled.
+reaches that speaker's threshold; otherwise the speech belongs to nobody
+enrolled.
+
+An enrollment is represented by the centroid of the embeddings of its
+window-length sub-windows (`enrollment_reference`), and each speaker gets its
+own threshold: `rel_threshold` times the speaker's *self-score*, the mean
+cosine of each sub-window to the centroid of the others. A voice whose
+windows match its own enrollment weakly (a noisy or varied enrollment) thus
+gets a lower bar than one that matches tightly (`bench/accuracy.py` and the
+README's Accuracy section give what each choice measured).
 """
 
 from __future__ import annotations
@@ -31,12 +40,53 @@ def cosine_scores(
     return {name: float(np.dot(e, ref)) for name, ref in enrollments.items()}
 
 
-def decide(scores: dict[str, float], threshold: float) -> str:
-    """The label for a hop with speech: best enrolled speaker, or `noise`."""
+def decide(scores: dict[str, float], threshold: float | dict[str, float]) -> str:
+    """The label for a hop with speech: best enrolled speaker, or `noise`.
+
+    `threshold` is one cosine for every speaker, or one per speaker (a
+    speaker missing from the dict has no bar). The best speaker is the one
+    whose score exceeds its own threshold the most; it wins if that margin
+    is not negative.
+    """
     if not scores:
         return NOISE
-    best = max(sorted(scores), key=lambda name: scores[name])
-    return best if scores[best] >= threshold else NOISE
+    if not isinstance(threshold, dict):
+        best = max(sorted(scores), key=lambda name: scores[name])
+        return best if scores[best] >= threshold else NOISE
+    bar = {k: threshold.get(k, -1.0) for k in scores}
+    best = max(sorted(scores), key=lambda name: scores[name] - bar[name])
+    return best if scores[best] >= bar[best] else NOISE
+
+
+def enrollment_reference(
+    embeddings: list[np.ndarray],
+) -> tuple[np.ndarray, float | None]:
+    """(centroid, self-score) of an enrollment's sub-window embeddings.
+
+    Each embedding has shape (d,). The centroid is the unit-length mean of
+    the unit-length embeddings; the self-score is the mean cosine of each
+    one to the unit-length mean of the others (None for fewer than two).
+    """
+    units = np.stack([normalize(e) for e in embeddings])
+    centroid = normalize(units.sum(axis=0))
+    if len(units) < 2:
+        return centroid, None
+    total = units.sum(axis=0)
+    loo = [float(np.dot(u, normalize(total - u))) for u in units]
+    return centroid, float(np.mean(loo))
+
+
+def speaker_threshold(
+    self_score: float | None, rel_threshold: float, threshold: float
+) -> float:
+    """A speaker's cosine bar: `rel_threshold` x self-score, else `threshold`.
+
+    The absolute `threshold` applies when relative thresholds are off
+    (`rel_threshold` <= 0) or the enrollment gave no self-score.
+    """
+    if rel_threshold > 0 and self_score is not None and self_score > 0:
+        return rel_threshold * self_score
+    return threshold
 
 
 @dataclass

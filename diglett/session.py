@@ -18,7 +18,8 @@ import numpy as np
 from diglett import levels
 from diglett.audio import AudioError, InputFormat, StreamResampler, check_format
 from diglett.audio import decode_frame
-from diglett.decision import SILENCE, TalkStats, cosine_scores, decide, normalize
+from diglett.decision import SILENCE, TalkStats, cosine_scores, decide
+from diglett.decision import enrollment_reference, normalize, speaker_threshold
 from diglett.protocol import CLOSE_CODES, EndMsg, EnrollEndMsg, EnrollMsg, FormatMsg
 from diglett.protocol import ProtocolError, StreamMsg, error, parse_control
 from diglett.settings import SAMPLE_RATE, Settings
@@ -27,6 +28,7 @@ from diglett.windowing import HopWindower
 QUIET_DBFS = -35.0  # speech level below which an enrollment is `quiet`
 CLIPPING_FRACTION = 0.001  # share of full-scale samples that makes it `clipping`
 NOISY_SNR_DB = 15.0  # speech-to-floor distance below which it is `noisy`
+ENROLL_WINDOWS_MAX = 16  # most sub-windows embedded per enrollment
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,13 @@ class Close:
 
 @dataclass
 class HopJob:
-    """A hop to label; `window` is None when the gate found no speech.
+    """A hop to label; `window` is None when no embedding of it is needed.
 
     `window` has shape (n,), float32 at 16 kHz, ending where the hop ends.
     `recv_t` is the caller's timestamp of the frame holding the hop's last
-    sample, echoed back so latency is measured on one clock.
+    sample, echoed back so latency is measured on one clock. `speech` is the
+    gate's verdict on the hop itself; with look-ahead a silent hop still
+    carries its window when the hop before it is labelled from it.
     """
 
     seq: int
@@ -51,6 +55,7 @@ class HopJob:
     level_dbfs: float
     window: np.ndarray | None
     recv_t: float
+    speech: bool = True
 
     @property
     def audio(self) -> np.ndarray | None:
@@ -69,12 +74,55 @@ class EnrollJob:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class EnrollWindowJob:
+    """One window-length sub-window of an enrollment, to be embedded.
+
+    They come right before their `EnrollJob`, in the same action list; the
+    enrollment's reference is the centroid of their embeddings.
+    """
+
+    speaker: str
+    index: int
+    audio: np.ndarray
+
+
+def enrollment_windows(
+    x: np.ndarray, settings: Settings, max_windows: int = ENROLL_WINDOWS_MAX
+) -> list[np.ndarray]:
+    """The sub-windows of enrollment audio `x` (16 kHz) worth embedding.
+
+    Windows of `window_s` every `hop_s` (as a stream's windows), keeping
+    those the speech gate passes; at most `max_windows`, evenly spread.
+    Fewer than two speech windows: none (the whole clip is the reference).
+    """
+    w, h = settings.window_samples, settings.hop_samples
+    wins = [
+        x[end - w : end]
+        for end in range(w, x.size + 1, h)
+        if levels.has_speech(
+            x[end - w : end], settings.gate_dbfs, settings.speech_min_frac
+        )
+    ]
+    if len(wins) < 2:
+        return []
+    if len(wins) > max_windows:
+        keep = np.unique(np.round(np.linspace(0, len(wins) - 1, max_windows)))
+        wins = [wins[int(i)] for i in keep]
+    return wins
+
+
+@dataclass(frozen=True)
+class FlushHeld:
+    """Label the hop held back for look-ahead from its own window (stream end)."""
+
+
 @dataclass(frozen=True)
 class Summary:
     """Send the summary here, once the jobs before it have completed."""
 
 
-Action = Union[dict, Close, HopJob, EnrollJob, Summary]
+Action = Union[dict, Close, HopJob, EnrollWindowJob, EnrollJob, FlushHeld, Summary]
 
 
 def enrollment_warnings(x: np.ndarray, gate_dbfs: float, truncated: bool) -> list[str]:
@@ -106,11 +154,17 @@ class SessionEngine:
         self.audio_flowed = False
         self._stray_answered = False
         self.enrollments: dict[str, np.ndarray | None] = {}
+        self.self_scores: dict[str, float | None] = {}
+        self._enroll_parts: dict[str, list[np.ndarray]] = {}
         self._enroll_name = ""
         self._enroll_chunks: list[np.ndarray] = []
         self._enroll_len = 0
         self._enroll_truncated = False
         self._windower: HopWindower | None = None
+        # Look-ahead: the last hop's gate verdict, and the hop (with its own
+        # window's embedding) waiting for the next window to be labelled.
+        self._prev_speech = False
+        self._held: tuple[HopJob, np.ndarray | None] | None = None
         self.stats = TalkStats()
         self._rate_t: float | None = None  # time of the last audio frame
         self._rate_tokens = settings.rate_burst_s  # seconds of audio allowed now
@@ -175,6 +229,7 @@ class SessionEngine:
         self._resampler = StreamResampler(self.fmt.sample_rate)
         self.state = "idle"
         self._windower = None
+        self._held = None
         self._enroll_chunks = []
 
     def reattach(self) -> None:
@@ -192,12 +247,13 @@ class SessionEngine:
 
     # ------------------------------------------------------------ completion
     @staticmethod
-    def jobs(actions: list[Action]) -> list[HopJob | EnrollJob]:
+    def jobs(actions: list[Action]) -> list[HopJob | EnrollWindowJob | EnrollJob]:
         """The actions that need an embedding, in order."""
         return [
             a
             for a in actions
-            if isinstance(a, (HopJob, EnrollJob)) and a.audio is not None
+            if isinstance(a, (HopJob, EnrollWindowJob, EnrollJob))
+            and a.audio is not None
         ]
 
     def finish(
@@ -211,7 +267,13 @@ class SessionEngine:
         out: list[dict] = []
         close: int | None = None
         for a in actions:
-            if isinstance(a, (HopJob, EnrollJob)):
+            if isinstance(a, EnrollWindowJob):
+                self._enroll_parts.setdefault(a.speaker, []).append(by_job[id(a)])
+            elif isinstance(a, HopJob):
+                out.extend(self._resolve_hop(a, by_job.get(id(a))))
+            elif isinstance(a, FlushHeld):
+                out.extend(self._flush_held())
+            elif isinstance(a, EnrollJob):
                 out.append(self.complete(a, by_job.get(id(a))))
             elif isinstance(a, Summary):
                 out.append(self.stats.summary(list(self.enrollments)))
@@ -227,8 +289,30 @@ class SessionEngine:
             return self._complete_enroll(job, embedding)
         return self._complete_hop(job, embedding)
 
+    def _resolve_hop(self, job: HopJob, embedding: np.ndarray | None) -> list[dict]:
+        """The labels a hop's embedding completes (look-ahead: the previous hop)."""
+        if not self.s.lookahead_hops:
+            return [self._complete_hop(job, embedding)]
+        held, self._held = self._held, (job, embedding)
+        if held is None:
+            return []
+        prev, _ = held
+        return [self._complete_hop(prev, embedding if prev.speech else None)]
+
+    def _flush_held(self) -> list[dict]:
+        if self._held is None:
+            return []
+        (job, own), self._held = self._held, None
+        return [self._complete_hop(job, own if job.speech else None)]
+
     def _complete_enroll(self, job: EnrollJob, embedding: np.ndarray) -> dict:
-        self.enrollments[job.speaker] = normalize(embedding)
+        parts = self._enroll_parts.pop(job.speaker, [])
+        if len(parts) >= 2:
+            ref, self_score = enrollment_reference(parts)
+        else:  # too little speech for sub-windows: the whole clip
+            ref, self_score = normalize(embedding), None
+        self.enrollments[job.speaker] = ref
+        self.self_scores[job.speaker] = self_score
         return {
             "type": "enrolled",
             "speaker": job.speaker,
@@ -250,13 +334,22 @@ class SessionEngine:
         else:
             refs = {k: v for k, v in self.enrollments.items() if v is not None}
             scores = cosine_scores(embedding, refs)
-            label = decide(scores, self.s.threshold)
+            label = decide(scores, self.thresholds())
             msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
         msg["label"] = label
         msg["level_dbfs"] = round(job.level_dbfs, 1)
         msg["_recv_t"] = job.recv_t
         self.stats.add(label, job.end_s - job.start_s)
         return msg
+
+    def thresholds(self) -> dict[str, float]:
+        """Each enrolled speaker's cosine bar (see decision.speaker_threshold)."""
+        return {
+            name: speaker_threshold(
+                self.self_scores.get(name), self.s.rel_threshold, self.s.threshold
+            )
+            for name in self.enrollments
+        }
 
     # -------------------------------------------------------------- messages
     def _on_format(self, msg: FormatMsg) -> list[Action]:
@@ -326,7 +419,12 @@ class SessionEngine:
             ]
         if name not in self.enrollments:
             self.enrollments[name] = None  # its embedding arrives with `complete`
-        return [
+        self._enroll_parts.pop(name, None)
+        windows = [
+            EnrollWindowJob(name, i, w)
+            for i, w in enumerate(enrollment_windows(audio, self.s))
+        ]
+        return windows + [
             EnrollJob(
                 speaker=name,
                 audio=audio,
@@ -350,6 +448,7 @@ class SessionEngine:
             ]
         actions = self._end_stream(t) if self.state == "streaming" else []
         self._windower = HopWindower(self.s.hop_samples, self.s.window_samples)
+        self._prev_speech = False
         self.state = "streaming"
         return actions
 
@@ -367,7 +466,8 @@ class SessionEngine:
             hops.append(last)
         self._windower = None
         self.state = "idle"
-        return self._hop_jobs(hops, t)
+        flush: list[Action] = [FlushHeld()] if self.s.lookahead_hops else []
+        return self._hop_jobs(hops, t) + flush
 
     def _hop_jobs(self, hops, t: float) -> list[Action]:
         jobs: list[Action] = []
@@ -375,14 +475,18 @@ class SessionEngine:
             speech = levels.has_speech(
                 hop.hop_audio, self.s.gate_dbfs, self.s.speech_min_frac
             )
+            # With look-ahead, a hop's window also labels the hop before it.
+            needed = speech or (self.s.lookahead_hops > 0 and self._prev_speech)
+            self._prev_speech = speech
             jobs.append(
                 HopJob(
                     seq=hop.seq,
                     start_s=hop.start / SAMPLE_RATE,
                     end_s=hop.end / SAMPLE_RATE,
                     level_dbfs=levels.rms_dbfs(hop.hop_audio),
-                    window=hop.window if speech else None,
+                    window=hop.window if needed else None,
                     recv_t=t,
+                    speech=speech,
                 )
             )
         return jobs

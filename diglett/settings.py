@@ -36,6 +36,12 @@ class Settings:
     hub_timeout_s: float = 5.0
     device: str = "auto"
     threshold: float = 0.25
+    # Per-speaker bar = rel_threshold x the enrollment's self-score (see
+    # diglett/decision.py); 0 turns it off and `threshold` applies to all.
+    rel_threshold: float = 0.35
+    # 1: label each hop from the window ending one hop later (centred on the
+    # hop's turn changes; +hop_s latency); 0: from the window ending with it.
+    lookahead_hops: int = 0
     gate_dbfs: float = -55.0
     speech_min_frac: float = 0.4
     window_s: float = 1.5
@@ -108,6 +114,10 @@ class Settings:
             raise ValueError("DIGLETT_WINDOW_S must be at least DIGLETT_HOP_S")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError("DIGLETT_THRESHOLD must lie in [-1, 1]")
+        if self.lookahead_hops not in (0, 1):
+            raise ValueError("DIGLETT_LOOKAHEAD_HOPS must be 0 or 1")
+        if not 0.0 <= self.rel_threshold <= 1.0:
+            raise ValueError("DIGLETT_REL_THRESHOLD must lie in [0, 1]")
         if self.max_speakers < 1:
             raise ValueError("DIGLETT_MAX_SPEAKERS must be at least 1")
         if self.batch_size < 1:
@@ -148,6 +158,7 @@ class Settings:
             "max_speakers": self.max_speakers,
             "model": MODEL_NAME,
             "threshold": self.threshold,
+            "lookahead_s": self.lookahead_hops * self.hop_s,
         }
 
     def as_dict(self) -> dict[str, Any]:

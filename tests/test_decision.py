@@ -14,7 +14,9 @@ from diglett.decision import (
     TalkStats,
     cosine_scores,
     decide,
+    enrollment_reference,
     normalize,
+    speaker_threshold,
 )
 
 
@@ -150,3 +152,35 @@ def test_talk_stats_rounding_does_not_drift():
     assert s["labels"] == 1000
     assert s["audio_s"] == pytest.approx(100.0, abs=1e-4)
     assert s["talk_s"]["alice"] == pytest.approx(100.0, abs=1e-4)
+
+
+# ------------------------------------------- per-speaker thresholds, centroid
+def test_decide_per_speaker_thresholds():
+    scores = {"a": 0.5, "b": 0.45}
+    assert decide(scores, {"a": 0.6, "b": 0.3}) == "b"  # a is under its bar
+    assert decide(scores, {"a": 0.4, "b": 0.3}) == "b"  # larger margin wins
+    assert decide(scores, {"a": 0.4, "b": 0.44}) == "a"
+    assert decide(scores, {"a": 0.9, "b": 0.9}) == NOISE
+    assert decide(scores, {"a": 0.5}) == "b"  # no bar for b: margin 1.45
+
+
+def test_enrollment_reference_centroid_and_self_score():
+    e = [unit(1, 0, 0), unit(0, 1, 0), 2 * unit(1, 1, 0)]
+    ref, self_score = enrollment_reference(e)
+    np.testing.assert_allclose(ref, unit(1 + 0.5**0.5, 1 + 0.5**0.5, 0), atol=1e-6)
+    loo = [
+        float(np.dot(unit(1, 0, 0), unit(0.5**0.5, 1 + 0.5**0.5, 0))),
+        float(np.dot(unit(0, 1, 0), unit(1 + 0.5**0.5, 0.5**0.5, 0))),
+        float(np.dot(unit(1, 1, 0), unit(1, 1, 0))),
+    ]
+    assert self_score == pytest.approx(np.mean(loo), abs=1e-6)
+    ref, self_score = enrollment_reference([3 * unit(0, 0, 1)])
+    np.testing.assert_allclose(ref, unit(0, 0, 1))
+    assert self_score is None
+
+
+def test_speaker_threshold():
+    assert speaker_threshold(0.8, 0.35, 0.25) == pytest.approx(0.28)
+    assert speaker_threshold(None, 0.35, 0.25) == 0.25
+    assert speaker_threshold(0.8, 0.0, 0.25) == 0.25
+    assert speaker_threshold(-0.1, 0.35, 0.25) == 0.25

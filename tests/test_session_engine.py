@@ -14,7 +14,8 @@ import pytest
 
 from diglett import levels
 from diglett.audio import encode_s16
-from diglett.session import Close, EnrollJob, HopJob, SessionEngine
+from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob, SessionEngine
+from diglett.session import enrollment_windows
 from diglett.settings import Settings
 
 SR = 16000
@@ -97,7 +98,9 @@ class Client:
 
         Returns the messages, then `Close(code)` when the engine closes.
         """
-        self.jobs += [a for a in actions if isinstance(a, (HopJob, EnrollJob))]
+        self.jobs += [
+            a for a in actions if isinstance(a, (HopJob, EnrollWindowJob, EnrollJob))
+        ]
         todo = self.engine.jobs(actions)
         assert all(j.audio is not None for j in todo)
         msgs, close = self.engine.finish(actions, [fake_embed(j.audio) for j in todo])
@@ -767,12 +770,59 @@ def test_argmax_not_biased_to_first_enrolled(two):
 
 
 def test_threshold_setting_turns_weak_match_into_noise():
-    c = Client(Settings(threshold=0.7))
+    c = Client(Settings(threshold=0.7, rel_threshold=0.0))
     c.enroll_ok("alice", ALICE)
     c.send({"type": "stream"})
     labs = labels(c.audio(tone(BETWEEN, 0.5)))
     assert labs[0]["scores"] == {"alice": pytest.approx(0.6, abs=1e-3)}
     assert labs[0]["label"] == "noise"
+
+
+def test_rel_threshold_is_relative_to_the_self_score():
+    # fake_embed gives every speech sub-window of alice the same vector:
+    # self-score 1, so her bar is rel_threshold itself.
+    c = Client(Settings(threshold=0.9, rel_threshold=0.65))
+    c.enroll_ok("alice", ALICE)
+    assert c.engine.self_scores["alice"] == pytest.approx(1.0)
+    assert c.engine.thresholds() == {"alice": pytest.approx(0.65)}
+    c.send({"type": "stream"})
+    labs = labels(c.audio(tone(BETWEEN, 0.5)))  # cosine 0.6 < 0.65
+    assert labs[0]["label"] == "noise"
+    c = Client(Settings(threshold=0.9, rel_threshold=0.55))
+    c.enroll_ok("alice", ALICE)
+    c.send({"type": "stream"})
+    assert labels(c.audio(tone(BETWEEN, 0.5)))[0]["label"] == "alice"
+
+
+def test_enrollment_reference_is_the_centroid_of_speech_sub_windows():
+    c = Client()
+    x = bursts(ALICE, 5.0)
+    [msg] = c.enroll("alice", x)
+    assert msg["type"] == "enrolled"
+    wins = [j for j in c.jobs if isinstance(j, EnrollWindowJob)]
+    assert len(wins) == 8  # 1.5 s windows every 0.5 s of 5 s
+    assert all(w.audio.size == 24000 and w.speaker == "alice" for w in wins)
+    np.testing.assert_array_equal(wins[-1].audio, c.jobs[-1].audio[-24000:])
+    np.testing.assert_allclose(c.engine.enrollments["alice"], _E[0], atol=1e-6)
+
+
+def test_enrollment_with_one_speech_window_uses_the_whole_clip():
+    c = Client(Settings(threshold=0.3, speech_min_frac=0.8))
+    x = np.concatenate([tone(ALICE, 1.5), silence(2.0)])  # one speech window
+    [msg] = c.enroll("alice", x)
+    assert msg["type"] == "enrolled"
+    assert not [j for j in c.jobs if isinstance(j, EnrollWindowJob)]
+    assert c.engine.self_scores["alice"] is None
+    assert c.engine.thresholds() == {"alice": 0.3}
+
+
+def test_enrollment_windows_are_capped_and_spread():
+    s = Settings()
+    x = bursts(ALICE, 30.0)
+    wins = enrollment_windows(x, s, max_windows=5)
+    assert len(wins) == 5
+    np.testing.assert_array_equal(wins[0], x[:24000])
+    np.testing.assert_array_equal(wins[-1], x[-24000:])
 
 
 def test_speakers_take_turns(two):
@@ -1121,3 +1171,63 @@ def test_format_allowed_on_resumed_connection():
     assert c.send({"type": "format", "sample_rate": 48000}) == [
         {"type": "format_ok", "sample_rate": 48000, "encoding": "pcm_s16le"}
     ]
+
+
+# ============================================================== look-ahead
+def ahead() -> Client:
+    c = Client(Settings(lookahead_hops=1))
+    c.enroll_ok("alice", ALICE)
+    c.enroll_ok("bob", BOB)
+    return c
+
+
+def test_lookahead_labels_each_hop_from_the_next_window():
+    x = np.concatenate([tone(ALICE, 1.0), tone(BOB, 2.0)])
+    got = {}
+    for hops, c in ((0, Client()), (1, ahead())):
+        if hops == 0:
+            c.enroll_ok("alice", ALICE)
+            c.enroll_ok("bob", BOB)
+        c.send({"type": "stream"})
+        c.audio(x)
+        c.send({"type": "end"})
+        labs = labels(c.log)
+        assert_tiles(labs, total_s=3.0)
+        assert_summary_matches(summary_of(c.log), labs)
+        got[hops] = [m["label"] for m in labs]
+    # hop 1.0-1.5 s: its own window (0-1.5 s) is mostly alice, the window
+    # ending 0.5 s later (0.5-2.0 s) mostly bob, as is the hop itself
+    assert got[0] == ["alice"] * 3 + ["bob"] * 3
+    assert got[1] == ["alice"] * 2 + ["bob"] * 4
+
+
+def test_lookahead_holds_one_hop_back_and_keeps_its_recv_t():
+    c = ahead()
+    c.send({"type": "stream"})
+    t0 = c.t
+    assert labels(c.frame(c.encode(tone(ALICE, 0.5)), dt=0.5)) == []
+    [lab] = labels(c.frame(c.encode(tone(ALICE, 0.5)), dt=0.5))
+    assert lab["seq"] == 0 and lab["_recv_t"] == pytest.approx(t0 + 0.5)
+    [lab] = labels(c.send({"type": "stream"}))  # ends the stream: hop 1 flushed
+    assert lab["seq"] == 1 and lab["label"] == "alice"
+    assert c.engine._held is None
+
+
+def test_lookahead_silent_hop_after_speech_is_embedded_but_silent():
+    c = ahead()
+    c.send({"type": "stream"})
+    c.audio(np.concatenate([tone(ALICE, 1.0), silence(1.0)]))
+    c.send({"type": "end"})
+    labs = labels(c.log)
+    assert [m["label"] for m in labs] == ["alice", "alice", "silence", "silence"]
+    hops = [j for j in c.jobs if isinstance(j, HopJob)]
+    assert [h.speech for h in hops] == [True, True, False, False]
+    assert [h.window is not None for h in hops] == [True, True, True, False]
+    assert "scores" not in labs[2]
+
+
+def test_lookahead_setting_is_validated_and_announced():
+    assert Settings(lookahead_hops=1).info()["lookahead_s"] == 0.5
+    assert Settings().info()["lookahead_s"] == 0.0
+    with pytest.raises(ValueError, match="LOOKAHEAD"):
+        Settings.from_env(env={"DIGLETT_LOOKAHEAD_HOPS": "2"})
