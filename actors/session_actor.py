@@ -1,8 +1,9 @@
 """SessionActor: one Ray actor per session, holding its enrollments and audio.
 
 It wraps the pure `SessionEngine`: frames in, messages out, with the
-embedding jobs of each call sent to the shared EmbeddingDeployment as one
-request. It never imports torch, so it stays small (see README for its USS).
+embedding jobs of each call sent, through its node's `EmbedBatcher`, to the
+shared EmbeddingDeployment. It imports neither torch nor Ray Serve, so it
+stays small (see README for its USS).
 
 The actor is named and detached so that a dropped connection can resume it
 from any ingress replica; it ends itself when its session ends, when a
@@ -18,6 +19,7 @@ import time
 
 import ray
 
+from actors.embed_batcher import node_batcher
 from diglett import logging_setup
 from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, SessionEngine
@@ -51,18 +53,32 @@ class SessionActor:
     """The state of one session; methods are called by the ingress only."""
 
     def __init__(
-        self, settings: Settings, embedder, session_id: str, resume_token: str
+        self,
+        settings: Settings,
+        embedding: tuple[str, str],
+        session_id: str,
+        resume_token: str,
     ) -> None:
+        """`embedding` names the tier: (Serve app name, deployment name)."""
         self.settings = settings
         logging_setup.configure(session_id=session_id, fmt=settings.log_format)
         self.engine = SessionEngine(settings)
-        self.embedder = embedder
+        self.embedding = embedding
+        self._batcher = None  # this node's EmbedBatcher, found on first use
         self.session_id = session_id
         self._token = resume_token
         self._conn = 0  # generation of the latest connection; 0 = none yet
         self._attached = False
+        self._pooled = False
         self._last_seen = time.monotonic()
         self._watchdog: asyncio.Task | None = None
+
+    async def warm(self) -> None:
+        """Started into an ingress's warm pool: the pool's keep-alive holds
+        it like an attached session's (not the shorter TTL); if that ingress
+        goes away, it ends."""
+        self._pooled = True
+        self._touch()
 
     async def attach(self, resume_token: str | None = None) -> int:
         """Attach a connection; returns its generation, or 0 if refused.
@@ -78,6 +94,7 @@ class SessionActor:
             self.engine.reattach()
         self._conn += 1
         self._attached = True
+        self._pooled = False
         self._touch()
         return self._conn
 
@@ -136,34 +153,46 @@ class SessionActor:
         return self.engine.finish(actions, embeddings)
 
     async def _embed(self, signals, timeout: float):
-        """One retry (a replica may have died), all within `timeout` s."""
+        """Through this node's EmbedBatcher; one retry (a replica or the
+        batcher may have died), all within `timeout` s."""
         last: Exception | None = None
         deadline = time.monotonic() + timeout
         for _ in range(EMBED_ATTEMPTS):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            response = self.embedder.embed.remote(signals)
+            if self._batcher is None:
+                self._batcher = node_batcher(*self.embedding, NAMESPACE)
+            ref = self._batcher.embed.remote(signals)
             try:
-                return await asyncio.wait_for(_result(response), left)
+                return await asyncio.wait_for(_result(ref), left)
             except asyncio.TimeoutError:
-                response.cancel()  # overloaded or being replaced: no retry
+                ray.cancel(ref)  # overloaded or being replaced: no retry
                 raise
+            except ray.exceptions.RayActorError as exc:
+                self._batcher, last = None, exc  # find (or start) a new one
             except Exception as exc:
                 last = exc
         raise last or TimeoutError("embedding timed out")
 
     async def enrollments(self) -> dict:
-        """The enrolled speakers' normalised embeddings (never their audio).
+        """{speaker: (reference embedding, self-score)}, never their audio.
 
         The ingress keeps this copy so that it can `restore` the session
         should this actor's process die.
         """
-        return {k: v for k, v in self.engine.enrollments.items() if v is not None}
+        e = self.engine
+        return {
+            k: (v, e.self_scores.get(k))
+            for k, v in e.enrollments.items()
+            if v is not None
+        }
 
     async def restore(self, enrollments: dict) -> None:
         """Seed a re-created session; it then waits for a resume (TTL)."""
-        self.engine.enrollments.update(enrollments)
+        for name, (reference, self_score) in enrollments.items():
+            self.engine.enrollments[name] = reference
+            self.engine.self_scores[name] = self_score
         self._attached = False
         self._touch()
 
@@ -177,6 +206,7 @@ class SessionActor:
             "torch_loaded": "torch" in sys.modules,
             "node_id": ray.get_runtime_context().get_node_id(),
             "speakers": sorted(self.engine.enrollments),
+            "thresholds": self.engine.thresholds(),
         }
 
     def _touch(self) -> None:
@@ -189,7 +219,8 @@ class SessionActor:
         while True:
             await asyncio.sleep(1.0)
             idle = time.monotonic() - self._last_seen
-            limit = 3 * KEEPALIVE_S if self._attached else self.settings.session_ttl_s
+            held = self._attached or self._pooled
+            limit = 3 * KEEPALIVE_S if held else self.settings.session_ttl_s
             if idle > limit:
                 logger.info("session %s expired after %.0f s", self.session_id, idle)
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

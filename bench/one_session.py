@@ -126,9 +126,11 @@ def main() -> int:
         await asyncio.sleep(3)
         pid = None
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["namespace"] == NAMESPACE:
+            if actor["namespace"] == NAMESPACE and actor["name"].startswith("session-"):
                 h = ray.get_actor(actor["name"], namespace=NAMESPACE)
-                pid = (await h.stats.remote())["pid"]
+                stats = await h.stats.remote()
+                if stats["speakers"]:  # the enrolled one, not a pooled one
+                    pid = stats["pid"]
         while not task.done():
             if pid:
                 try:

@@ -68,6 +68,11 @@ class Settings:
     # advertises `diglett_session: 500` holds at most 500 sessions.
     session_strategy: str = "SPREAD"
     session_resource: str = ""
+    # SessionActors each ingress replica keeps started and idle, so that a new
+    # connection gets `ready` without waiting for a Ray worker process to
+    # start (~0.5 s alone, seconds when many open at once). Each costs one
+    # idle SessionActor's memory (see README, "Performance").
+    session_pool: int = 8
     # EmbeddingDeployment replicas: a custom resource each takes 1 unit of
     # (e.g. `diglett_embed`), in addition to any GPU the Serve config asks for.
     embed_resource: str = ""

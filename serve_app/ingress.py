@@ -52,6 +52,7 @@ RESTORE_S = 8.0  # longest wait to re-create a dead session before `internal`
 BACKLOG_BYTES = 8 * 2**20
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
 SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
+POOLED_ATTACH_S = 5.0  # a warm actor answers at once; else its node is gone
 
 app = FastAPI(
     title="Diglett",
@@ -217,7 +218,20 @@ class Ingress:
     def __init__(self, embedder: DeploymentHandle) -> None:
         self.settings = Settings.from_env()
         self.embedder = embedder
+        # SessionActors reach the tier by name, through their node's batcher.
+        dep = embedder.deployment_id
+        self.embedding = (
+            dep.app_name or serve.get_replica_context().app_name,
+            dep.name,
+        )
         self.active = 0
+        # Started, idle SessionActors: (actor, session id, resume token).
+        self._pool: list[tuple] = []
+        self._pool_task: asyncio.Task | None = None
+        try:
+            self._fill_pool()
+        except RuntimeError:  # no event loop here: the first session fills it
+            pass
 
     # ------------------------------------------------------------------ HTTP
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
@@ -335,18 +349,11 @@ class Ingress:
                 )
                 return None
         else:
-            sid = secrets.token_hex(16)
-            token = secrets.token_urlsafe(32)
-            actor = self._spawn(sid, token)
-            try:
-                conn = await asyncio.wait_for(
-                    actor.attach.remote(), SESSION_START_TIMEOUT_S
-                )
-            except Exception as exc:
-                logger.error("could not start a SessionActor: %r", exc)
-                ray.kill(actor, no_restart=True)
+            opened = await self._new_session()
+            if opened is None:
                 await _fatal(ws, "overloaded", "could not start a session; try later")
                 return None
+            actor, conn, sid, token = opened
         ready = {"type": "ready", **self.settings.info()}
         ready.update(session_id=sid, resume_token=token)
         await ws.send_text(json.dumps(ready))
@@ -356,6 +363,65 @@ class Ingress:
         )
         return actor, conn, sid, token
 
+    async def _new_session(self):
+        """A warm pooled SessionActor, attached; or a new one if the pool is
+        empty or its actor died. Returns (actor, conn, id, token) or None."""
+        self._fill_pool()
+        while True:
+            pooled = bool(self._pool)
+            if pooled:
+                actor, sid, token = self._pool.pop(0)
+            else:
+                sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
+                actor = self._spawn(sid, token)
+            try:
+                conn = await asyncio.wait_for(
+                    _await(actor.attach.remote()),
+                    POOLED_ATTACH_S if pooled else SESSION_START_TIMEOUT_S,
+                )
+                return actor, conn, sid, token
+            except Exception as exc:
+                logger.error("could not start a SessionActor: %r", exc)
+                ray.kill(actor, no_restart=True)
+                if not pooled:
+                    return None
+
+    def _fill_pool(self) -> None:
+        """Start refilling the warm pool in the background (one at a time:
+        starting workers in parallel on a busy node only slows them all)."""
+        if self._pool_task is None or self._pool_task.done():
+            self._pool_task = asyncio.get_running_loop().create_task(self._keep_pool())
+
+    async def _keep_pool(self) -> None:
+        """Fill the pool, then keep its actors alive with keep-alives."""
+        while True:
+            while len(self._pool) < self.settings.session_pool:
+                sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
+                actor = self._spawn(sid, token)
+                try:
+                    await asyncio.wait_for(
+                        _await(actor.warm.remote()), SESSION_START_TIMEOUT_S
+                    )
+                except Exception as exc:  # no room now: retry later
+                    logger.warning("could not start a pooled session: %r", exc)
+                    ray.kill(actor, no_restart=True)
+                    break
+                self._pool.append((actor, sid, token))
+            await asyncio.sleep(KEEPALIVE_S)
+            for actor, _, _ in list(self._pool):
+                try:
+                    await actor.warm.remote()
+                except Exception:
+                    self._pool = [e for e in self._pool if e[0] is not actor]
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: end the idle sessions."""
+        for actor, _, _ in getattr(self, "_pool", []):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+
     def _spawn(self, sid: str, token: str):
         """A new named, detached SessionActor, placed by the settings."""
         return SessionActor.options(
@@ -363,7 +429,7 @@ class Ingress:
             namespace=NAMESPACE,
             lifetime="detached",
             **session_actor_options(self.settings),
-        ).remote(self.settings, self.embedder, sid, token)
+        ).remote(self.settings, self.embedding, sid, token)
 
     async def _restore(self, sid: str, token: str, enrollments: dict) -> None:
         """Re-create a session whose actor died, with its enrollments, detached.

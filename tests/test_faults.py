@@ -299,12 +299,19 @@ def test_kill9_embedding_session_and_ingress(fault_server, voices):
     )
     time.sleep(22)
     victim = clients[0]
-    pid = ray.get(
-        ray.get_actor(actor_name(victim.sid), namespace=NAMESPACE).stats.remote()
-    )["pid"]
-    os.kill(pid, signal.SIGKILL)
-    faults.append(("session", time.monotonic(), pid))
+
+    def victim_stats() -> dict:
+        actor = ray.get_actor(actor_name(victim.sid), namespace=NAMESPACE)
+        return ray.get(actor.stats.remote())
+
+    before = victim_stats()
+    os.kill(before["pid"], signal.SIGKILL)
+    faults.append(("session", time.monotonic(), before["pid"]))
     time.sleep(15)
+    # The re-created actor has the same speakers and per-speaker thresholds.
+    after = victim_stats()
+    assert after["pid"] != before["pid"]
+    assert after["thresholds"] == before["thresholds"], (before, after)
     faults.append(("ingress", time.monotonic(), kill9(f"ServeReplica:{APP}:Ingress")))
     time.sleep(20)
     stop.set()

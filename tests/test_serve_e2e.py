@@ -348,7 +348,10 @@ def test_internal_error_when_session_dies(server):
         ready = recv(ws)
         ray.kill(ray.get_actor(actor_name(ready["session_id"]), namespace=NAMESPACE))
         time.sleep(1.0)
-        ws.send(json.dumps({"type": "stream"}))
+        try:  # the ingress may already have noticed, and closed
+            ws.send(json.dumps({"type": "stream"}))
+        except ConnectionClosed:
+            pass
         msgs, code = drain(ws)
     assert code == 1011 and msgs[-1]["code"] == "internal"
 
@@ -447,3 +450,30 @@ def test_backlog_past_the_bound_is_overloaded(server, voices):
         msgs, code = drain(ws)
     assert code == 1013 and msgs[-1]["code"] == "overloaded"
     assert "real time" in msgs[-1]["message"]
+
+
+def test_new_session_comes_from_the_warm_pool(server):
+    """A new connection gets an already started SessionActor (no worker
+    start-up on the path to `ready`), and the pool refills."""
+    import ray
+
+    from actors.session_actor import NAMESPACE
+    from diglett.settings import Settings
+
+    def idle_sessions() -> set[str]:
+        return {
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith("session-")
+        }
+
+    pool = Settings.from_env().session_pool
+    deadline = time.monotonic() + 90
+    while len(idle_sessions()) < pool and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)  # the last one listed may still be starting
+    before = idle_sessions()
+    assert len(before) >= pool
+    with open_ws(server) as ws:
+        sid = recv(ws)["session_id"]
+    assert f"session-{sid}" in before

@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Per-session cost: start-up time and private memory with N sessions at once.
+
+Opens `--sessions` WebSockets at the same moment against a local server with
+the BENCHMARK-ONLY no-op embedder (start-up and memory do not depend on the
+model), and reports:
+
+- start-up: time from opening the WebSocket to `ready` (the SessionActor is
+  created or taken from the warm pool, and attached), p50/p95/max;
+- memory: the USS (private memory) of every SessionActor process after each
+  session enrolled two speakers and streamed `--stream-s` seconds of real
+  speech, next to a bare Ray actor's USS on the same machine.
+
+    python bench/sessions_start.py --sessions 100
+    python bench/sessions_start.py --sessions 100 --pool 0   # no warm pool
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.load import SPEAKERS, _voices  # noqa: E402
+from diglett.audio import encode_s16  # noqa: E402
+
+
+async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hold):
+    """One session: open (timed), wait until all are open, enroll, stream,
+    then wait for `hold`."""
+    import websockets
+
+    t0 = time.monotonic()
+    async with websockets.connect(
+        url, max_size=2**24, open_timeout=300, compression=None
+    ) as ws:
+        ready = json.loads(await ws.recv())
+        start_s = time.monotonic() - t0
+        await opened()
+        if ready["type"] != "ready":
+            return start_s, ready.get("code", "refused")
+        for name, x in enrolls:
+            await ws.send(json.dumps({"type": "enroll", "speaker": name}))
+            for i in range(0, x.size, 16000):
+                await ws.send(encode_s16(x[i : i + 16000]))
+            await ws.send(json.dumps({"type": "enroll_end"}))
+            reply = json.loads(await ws.recv())
+            if reply["type"] != "enrolled":
+                return start_s, reply.get("code", "enroll failed")
+        await ws.send(json.dumps({"type": "stream"}))
+        n = int(stream_s * 16000)
+        for i in range(0, n, 16000):
+            await ws.send(encode_s16(conv[i : i + 16000]))
+        labels = 0
+        while labels < n // 8000:
+            labels += json.loads(await ws.recv())["type"] == "label"
+        await hold.wait()
+        await ws.send(json.dumps({"type": "end"}))
+        async for _ in ws:
+            pass
+    return start_s, ""
+
+
+def _session_pids() -> list[int]:
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::SessionActor"):
+            pids.append(p.pid)
+    return pids
+
+
+def _uss_mib(pids: list[int]) -> list[float]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid).memory_full_info().uss / 2**20)
+        except psutil.Error:
+            pass
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sessions", type=int, default=100)
+    ap.add_argument("--stream-s", type=float, default=4.0)
+    ap.add_argument("--pool", type=int, default=-1, help="warm pool (-1: default)")
+    ap.add_argument("--data", type=Path, default=SPEAKERS)
+    args = ap.parse_args()
+
+    os.environ["DIGLETT_EMBEDDER"] = "noop"
+    os.environ["DIGLETT_MAX_SESSIONS"] = str(max(500, args.sessions))
+    if args.pool >= 0:
+        os.environ["DIGLETT_SESSION_POOL"] = str(args.pool)
+    import ray
+    from ray import serve
+
+    from diglett.settings import Settings
+    from serve_app.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(), name="diglett", route_prefix="/")
+    # Let the warm pool fill, as on a server that has been up for a while.
+    pool = Settings.from_env().session_pool
+    deadline = time.monotonic() + 300
+    while len(_session_pids()) < pool and time.monotonic() < deadline:
+        time.sleep(1.0)
+    time.sleep(2.0)
+
+    @ray.remote(num_cpus=0)
+    class Bare:
+        def pid(self) -> int:
+            return os.getpid()
+
+    bare = Bare.remote()
+    bare_uss = _uss_mib([ray.get(bare.pid.remote())])[0]
+    enrolls, conv = _voices(args.data)
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+
+    async def run():
+        hold, all_open = asyncio.Event(), asyncio.Event()
+        count = [0]
+
+        async def opened():
+            """Start-up is timed with no other session busy yet."""
+            count[0] += 1
+            if count[0] == args.sessions:
+                all_open.set()
+            await all_open.wait()
+
+        tasks = [
+            asyncio.create_task(_one(url, enrolls, conv, args.stream_s, opened, hold))
+            for _ in range(args.sessions)
+        ]
+        # Every session streamed: measure while all are still open.
+        while True:
+            await asyncio.sleep(2.0)
+            if all(t.done() for t in tasks):
+                break
+            pids = _session_pids()
+            if len(pids) >= args.sessions:
+                await asyncio.sleep(args.stream_s + 10.0)
+                break
+        uss = _uss_mib(_session_pids())
+        hold.set()
+        return await asyncio.gather(*tasks), uss
+
+    t0 = time.monotonic()
+    results, uss = asyncio.run(run())
+    wall = time.monotonic() - t0
+    start = np.array([s for s, _ in results])
+    errors = sorted({e for _, e in results if e})
+    row = {
+        "sessions": args.sessions,
+        "pool": Settings.from_env().session_pool,
+        "errors": errors,
+        "start_p50_s": round(float(np.percentile(start, 50)), 3),
+        "start_p95_s": round(float(np.percentile(start, 95)), 3),
+        "start_max_s": round(float(start.max()), 3),
+        "session_actors_measured": len(uss),
+        "uss_mean_mib": round(float(np.mean(uss)), 1) if uss else None,
+        "uss_p95_mib": round(float(np.percentile(uss, 95)), 1) if uss else None,
+        "bare_actor_uss_mib": round(bare_uss, 1),
+        "wall_s": round(wall, 1),
+    }
+    print(json.dumps(row))
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
