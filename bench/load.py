@@ -9,10 +9,15 @@ windows/s, CPU and memory, and a PNG of latency against sessions.
 
     python bench/load.py --steps 2,4,8,12,16 --step-s 40            # real model
     python bench/load.py --noop --fast --steps 8,16 --step-s 20      # serving path only
+    python bench/load.py --noop --speed 50 --steps 10,20,40 --step-s 20
 
 `--noop` starts the server with the BENCHMARK-ONLY no-op embedder
 (`DIGLETT_EMBEDDER=noop`); `--fast` sends audio as fast as the server takes
-it (1 s frames) instead of in real time. `--url` targets a running server.
+it (1 s frames) instead of in real time, and `--speed X` at X times real time
+(1 s frames), so a few sessions offer a known load of windows/s: a step is
+held when its labels keep up (lag p95 <= 500 ms). Each step also reports the
+CPU time of the server's processes per window. `--url` targets a running
+server.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ async def _session(
     conv: np.ndarray,
     start: int,
     seconds: float,
-    fast: bool,
+    speed: float,
 ) -> SessionResult:
     import websockets
 
@@ -118,12 +123,12 @@ async def _session(
                         res.error = m["code"]
 
             task = asyncio.create_task(reader())
-            chunk = 16000 if fast else 1600
+            chunk = 1600 if speed == 1.0 else 16000
             t0 = time.monotonic()
             i = 0
             while time.monotonic() - t0 < seconds:
-                if not fast:
-                    delay = t0 + i / 16000 - time.monotonic()
+                if speed > 0:
+                    delay = t0 + i / 16000 / speed - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
                 j = (start + i) % (conv.size - chunk)
@@ -151,17 +156,34 @@ def _ray_memory_mb() -> float:
     return total / 2**20
 
 
+def _server_cpu_s() -> float:
+    """CPU seconds used so far by this machine's Ray processes (the server)."""
+    total = 0.0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
 async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
+    speed = 0.0 if args.fast else args.speed
     psutil.cpu_percent(None)
+    cpu0 = _server_cpu_s()
     t0 = time.monotonic()
     results = await asyncio.gather(
         *[
-            _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, args.fast)
+            _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, speed)
             for k in range(n)
         ]
     )
     wall = time.monotonic() - t0
     cpu = psutil.cpu_percent(None)
+    server_cpu = _server_cpu_s() - cpu0  # processes that ended are missed
     lat = np.array([v for r in results for v in r.latency_ms] or [np.nan])
     lag = np.array([v for r in results for v in r.lag_ms] or [np.nan])
     held = sum(
@@ -182,6 +204,9 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         "lag_p50": round(float(np.nanpercentile(lag, 50)), 1),
         "lag_p95": round(float(np.nanpercentile(lag, 95)), 1),
         "cpu_percent": cpu,
+        "server_cpu_ms_per_window": round(
+            server_cpu * 1e3 / max(1, sum(r.windows for r in results)), 3
+        ),
         "ray_uss_mb": round(_ray_memory_mb(), 1),
     }
     print(json.dumps(row), flush=True)
@@ -215,7 +240,7 @@ def _start_local(args) -> str:
     sys.path.insert(0, str(ROOT))
     if args.noop:
         os.environ["DIGLETT_EMBEDDER"] = "noop"
-    if args.fast:
+    if args.fast or args.speed > 20:  # past the default rate limit
         os.environ["DIGLETT_MAX_RATE"] = "0"
     os.environ.setdefault("DIGLETT_MAX_SESSIONS", "5000")
     from serve_app.app import build_app
@@ -237,6 +262,7 @@ def main() -> int:
     ap.add_argument("--step-s", type=float, default=30.0)
     ap.add_argument("--noop", action="store_true", help="benchmark-only no-op model")
     ap.add_argument("--fast", action="store_true", help="send as fast as possible")
+    ap.add_argument("--speed", type=float, default=1.0, help="x real time")
     ap.add_argument("--data", type=Path, default=SPEAKERS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -247,7 +273,9 @@ def main() -> int:
     for n in [int(x) for x in args.steps.split(",")]:
         rows.append(asyncio.run(_step(args, url, headers, enrolls, conv, n)))
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = ("noop" if args.noop else "ecapa") + ("-fast" if args.fast else "")
+    tag = ("noop" if args.noop else "ecapa") + (
+        "-fast" if args.fast else f"-x{args.speed:g}" if args.speed != 1 else ""
+    )
     (args.out / f"load-{tag}.json").write_text(json.dumps(rows, indent=1))
     _plot(rows, args.out / f"load-{tag}.png", f"Diglett load ({tag}, this machine)")
     held = [r["sessions"] for r in rows if r["held"] == r["sessions"]]

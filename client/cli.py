@@ -197,7 +197,10 @@ class Runner:
                     await self.conn.send(pcm16(c))
                 await self.conn.send_json({"type": "enroll_end"})
                 reply = await self.conn.reply()
-                self.conn.awaiting_reply = False
+                # After a refused enroll the server also refuses the audio
+                # and `enroll_end` that followed it: those errors stay
+                # replies (unprinted), so the user sees one line, the cause.
+                self.conn.awaiting_reply = reply.get("type") == "error"
                 break
             except Dropped as exc:
                 if attempt:
