@@ -21,6 +21,7 @@ import ray
 
 from actors.embed_batcher import node_batcher
 from diglett import logging_setup
+from diglett.holdback import HoldRule
 from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, SessionEngine
 from diglett.settings import Settings
@@ -112,13 +113,15 @@ class SessionActor:
 
     async def handle(
         self, conn: int, frames: list[Frame]
-    ) -> tuple[list[dict], int | None]:
-        """Process frames in order; returns (messages to send, close code)."""
+    ) -> tuple[list[dict], int | None, HoldRule]:
+        """Process frames in order; returns (messages to send, close code,
+        what the ingress may hold back before the next call)."""
         self._touch()
         if conn != self._conn:
             return (
                 [error("session_expired", "another connection resumed this session")],
                 CLOSE_CODES["session_expired"],
+                HoldRule(),
             )
         actions: list = []
         for is_text, payload, t in frames:
@@ -149,8 +152,10 @@ class SessionActor:
                         )
                     ],
                     CLOSE_CODES["internal"],
+                    HoldRule(),
                 )
-        return self.engine.finish(actions, embeddings)
+        messages, close = self.engine.finish(actions, embeddings)
+        return messages, close, self.engine.hold_rule()
 
     async def _embed(self, signals, timeout: float):
         """Through this node's EmbedBatcher; one retry (a replica or the

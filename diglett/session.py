@@ -20,6 +20,7 @@ from diglett.audio import AudioError, InputFormat, StreamResampler, check_format
 from diglett.audio import decode_frame
 from diglett.decision import SILENCE, TalkStats, cosine_scores, decide
 from diglett.decision import enrollment_reference, normalize, speaker_threshold
+from diglett.holdback import HoldRule
 from diglett.protocol import CLOSE_CODES, EndMsg, EnrollEndMsg, EnrollMsg, FormatMsg
 from diglett.protocol import ProtocolError, StreamMsg, error, parse_control
 from diglett.settings import SAMPLE_RATE, Settings
@@ -29,6 +30,7 @@ QUIET_DBFS = -35.0  # speech level below which an enrollment is `quiet`
 CLIPPING_FRACTION = 0.001  # share of full-scale samples that makes it `clipping`
 NOISY_SNR_DB = 15.0  # speech-to-floor distance below which it is `noisy`
 ENROLL_WINDOWS_MAX = 16  # most sub-windows embedded per enrollment
+HOLD_MAX_BYTES = 1 << 20  # most enrollment audio a caller holds back (hold_rule)
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,25 @@ class SessionEngine:
         self._stray_answered = False
         self._rate_t = None
         self._rate_tokens = self.s.rate_burst_s
+
+    # ------------------------------------------------------------- batching
+    def hold_rule(self) -> HoldRule:
+        """What a caller may hold back before this session has anything new
+        to answer (see diglett/holdback.py): the audio still missing from the
+        next hop while streaming (in the client's format, rounded down, less
+        10 ms for the resampler's delay), `HOLD_MAX_BYTES` while enrolling
+        (the audio is only needed at `enroll_end`), else nothing.
+        """
+        if self.state == "enrolling":
+            return HoldRule(HOLD_MAX_BYTES, self.fmt)
+        if self.state != "streaming" or self._windower is None:
+            return HoldRule(0, self.fmt)
+        missing16 = self.s.hop_samples - self._windower.pending
+        rate = self.fmt.sample_rate
+        missing = missing16 * rate // SAMPLE_RATE
+        if rate != SAMPLE_RATE:
+            missing -= rate // 100
+        return HoldRule(max(0, missing) * self.fmt.bytes_per_sample, self.fmt)
 
     # ------------------------------------------------------------ completion
     @staticmethod

@@ -37,6 +37,7 @@ from actors.session_actor import (
 from diglett import __version__, levels
 from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
+from diglett.holdback import HoldRule, can_hold
 from diglett.protocol import CLOSE_CODES, error
 from diglett.settings import Settings
 from serve_app import metrics
@@ -494,6 +495,10 @@ class Ingress:
         # A copy of the enrollments (embeddings only), to restore the session
         # should its actor's process die.
         enrolled: dict = {}
+        # Audio frames held back until the session can answer something new
+        # (diglett/holdback.py): one actor call per hop, not one per frame.
+        held: list = []
+        rule = HoldRule()
         try:
             try:
                 enrolled = await actor.enrollments.remote()
@@ -522,23 +527,28 @@ class Ingress:
                         "to be processed: send audio in real time, or try later",
                     )
                     return
-                if item is None:
-                    break
                 if isinstance(item, _ActorLost):
                     await self._session_failed(ws, sid, token, enrolled, item.exc)
                     return
-                frames = [item]
-                while len(frames) < BATCH_FRAMES and not queue.empty():
+                frames, held = held, []
+                if item is None:
+                    eof = True
+                else:
+                    frames.append(item)
+                while len(frames) < BATCH_FRAMES and not eof and not queue.empty():
                     nxt = queue.get_nowait()
                     inbox.taken(nxt)
                     if nxt is None:
                         eof = True
-                        break
-                    if isinstance(nxt, _ActorLost):  # its frames fail anyway
-                        continue
-                    frames.append(nxt)
+                    elif not isinstance(nxt, _ActorLost):  # its frames fail anyway
+                        frames.append(nxt)
+                if not frames:
+                    break
+                if not eof and len(frames) < BATCH_FRAMES and can_hold(frames, rule):
+                    held = frames
+                    continue
                 try:
-                    messages, close = await asyncio.wait_for(
+                    messages, close, rule = await asyncio.wait_for(
                         _await(actor.handle.remote(conn, frames)),
                         _call_timeout(frames),
                     )
