@@ -21,6 +21,7 @@ import ray
 
 from actors.embed_batcher import node_batcher
 from diglett import logging_setup
+from diglett.audio import to_int16
 from diglett.holdback import HoldRule
 from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, SessionEngine
@@ -137,7 +138,7 @@ class SessionActor:
             try:
                 enrolling = any(isinstance(j, EnrollJob) for j in jobs)
                 embeddings = await self._embed(
-                    [j.audio for j in jobs],
+                    [to_int16(j.audio) for j in jobs],
                     ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S,
                 )
             except Exception as exc:  # the embedding tier failed twice

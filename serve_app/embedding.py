@@ -16,6 +16,7 @@ import time
 import numpy as np
 from ray import serve
 
+from diglett.audio import to_float32
 from diglett.settings import Settings
 from serve_app import metrics
 
@@ -77,9 +78,13 @@ class EmbeddingDeployment:
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     async def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
-        """Embeddings (shape (192,), raw) of one caller's signals, in order."""
+        """Embeddings (shape (192,), raw) of one caller's signals, in order.
+
+        Signals are float32 in [-1, 1] or int16 (see diglett.audio.to_int16).
+        """
         if not signals:
             return []
+        signals = [to_float32(s) for s in signals]
         # A backlog (a fast client, a stalled network) can bring more windows
         # than one batch holds: `@serve.batch` refuses an item larger than
         # `max_batch_size`, so such a request is split into batch-sized parts.

@@ -48,3 +48,17 @@ def test_same_speaker_scores_higher(embedder):
     b1 = load16(u["VCTK-p228"][0])
     ea1, ea2, eb1 = embedder.embed([a1, a2, b1])
     assert _cos(ea1, ea2) > 0.5 > _cos(ea1, eb1)
+
+
+def test_int16_transport_keeps_embeddings(embedder):
+    """Windows cross from SessionActors to the tier as int16; resampled
+    (non-16-bit) audio loses nothing the model notices."""
+    from diglett.audio import resample, to_float32, to_int16
+
+    u = utterances()
+    x = resample(load16(u["LS-26"][1])[: 4 * 16000], 16000)  # float, any value
+    y = resample(np.repeat(x, 3)[: 3 * 48000], 48000)  # 48 kHz → 16 kHz
+    for w in (x[:24000], y[8000:32000]):
+        [a] = embedder.embed([w])
+        [b] = embedder.embed([to_float32(to_int16(w))])
+        assert _cos(a, b) >= 0.9999
