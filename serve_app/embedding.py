@@ -23,6 +23,13 @@ from serve_app import metrics
 logger = logging.getLogger("ray.serve")
 
 
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
 def _count_windows(requests: list) -> int:
     return sum(len(r) for r in requests)
 
@@ -59,6 +66,12 @@ class EmbeddingDeployment:
             model_dir = resolve_model_dir(settings)
             self.embedder = Embedder.load(model_dir, settings.device)
             self.model_dir = str(model_dir)
+        if self.embedder.device == "cpu":
+            import os
+
+            import torch
+
+            torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
         self._configure(settings.batch_size, settings.batch_wait_s)
         self.load_s = time.monotonic() - t0
         logger.info(
@@ -121,4 +134,5 @@ class EmbeddingDeployment:
             "batch_size": self._batch_size,
             "batch_wait_s": self._batch_wait_s,
             "load_s": round(self.load_s, 2),
+            "torch_threads": _torch_threads(),
         }

@@ -477,3 +477,16 @@ def test_new_session_comes_from_the_warm_pool(server):
     with open_ws(server) as ws:
         sid = recv(ws)["session_id"]
     assert f"session-{sid}" in before
+
+
+def test_cpu_replica_uses_every_core(server):
+    """Ray gives a 1-CPU actor OMP_NUM_THREADS=1; the CPU replica sets torch
+    back to all cores (DIGLETT_TORCH_THREADS=0), which doubled throughput."""
+    import os
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
+    info = handle.info.remote().result(timeout_s=30)
+    if info["device"] == "cpu":
+        assert info["torch_threads"] == os.cpu_count()
