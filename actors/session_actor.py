@@ -24,7 +24,7 @@ from diglett import logging_setup
 from diglett.audio import to_int16
 from diglett.holdback import HoldRule
 from diglett.protocol import CLOSE_CODES, error
-from diglett.session import Close, EnrollJob, SessionEngine
+from diglett.session import Close, EnrollJob, EnrollWindowJob, SessionEngine
 from diglett.settings import Settings
 
 logger = logging.getLogger("diglett.session")
@@ -136,7 +136,9 @@ class SessionActor:
         embeddings = []
         if jobs:
             try:
-                enrolling = any(isinstance(j, EnrollJob) for j in jobs)
+                enrolling = any(
+                    isinstance(j, (EnrollJob, EnrollWindowJob)) for j in jobs
+                )
                 embeddings = await self._embed(
                     [to_int16(j.audio) for j in jobs],
                     ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S,

@@ -42,6 +42,7 @@ from diglett.audio import encode_s16
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
 HELD_MS = 500.0  # a label later than this (p95) means the session is not held
+WARMUP_S = 10.0  # labels of a stream's first seconds of audio are not timed
 
 
 @dataclass
@@ -115,8 +116,10 @@ async def _session(
                     if m["type"] == "label":
                         res.labels += 1
                         res.windows += "scores" in m
-                        res.latency_ms.append(m["latency_ms"])
                         t = sent_at.pop(m["seq"], None)
+                        if m["start_s"] < WARMUP_S:
+                            continue  # all sessions enrolled at once just now
+                        res.latency_ms.append(m["latency_ms"])
                         if t is not None:
                             res.lag_ms.append((time.monotonic() - t) * 1e3)
                     elif m["type"] == "error":

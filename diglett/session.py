@@ -74,6 +74,9 @@ class EnrollJob:
     speech_s: float
     level_dbfs: float
     warnings: list[str] = field(default_factory=list)
+    # The whole clip is embedded only as the fallback reference, when the
+    # enrollment gave fewer than two speech sub-windows.
+    embed: bool = True
 
 
 @dataclass
@@ -275,6 +278,7 @@ class SessionEngine:
             for a in actions
             if isinstance(a, (HopJob, EnrollWindowJob, EnrollJob))
             and a.audio is not None
+            and getattr(a, "embed", True)
         ]
 
     def finish(
@@ -449,6 +453,7 @@ class SessionEngine:
             EnrollJob(
                 speaker=name,
                 audio=audio,
+                embed=not windows,
                 duration_s=duration,
                 speech_s=speech,
                 level_dbfs=levels.rms_dbfs(audio),

@@ -1318,3 +1318,11 @@ def test_frames_that_deserve_an_answer_are_never_held():
     assert not can_hold([big], rule)  # frame_too_large too
     assert not can_hold([ok], HoldRule(wanted=6400, fmt=f32))  # a hop completes
     assert not can_hold([ok], HoldRule())  # nothing to wait for
+
+
+def test_whole_clip_is_embedded_only_as_the_fallback():
+    c = Client()
+    c.enroll_ok("alice", ALICE)  # 4 s of speech: sub-windows
+    [job] = [j for j in c.jobs if isinstance(j, EnrollJob)]
+    assert not job.embed and job not in SessionEngine.jobs(c.jobs)
+    assert len(SessionEngine.jobs(c.jobs)) >= 2  # the sub-windows
