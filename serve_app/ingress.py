@@ -53,6 +53,7 @@ RESTORE_S = 8.0  # longest wait to re-create a dead session before `internal`
 BACKLOG_BYTES = 8 * 2**20
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
 SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
+POOL_QUIET_S = 2.0  # the pool refills once no session opened for this long
 POOLED_ATTACH_S = 5.0  # a warm actor answers at once; else its node is gone
 
 app = FastAPI(
@@ -229,6 +230,7 @@ class Ingress:
         # Started, idle SessionActors: (actor, session id, resume token).
         self._pool: list[tuple] = []
         self._pool_task: asyncio.Task | None = None
+        self._last_open = 0.0  # when a new session last opened
         try:
             self._fill_pool()
         except RuntimeError:  # no event loop here: the first session fills it
@@ -367,6 +369,7 @@ class Ingress:
     async def _new_session(self):
         """A warm pooled SessionActor, attached; or a new one if the pool is
         empty or its actor died. Returns (actor, conn, id, token) or None."""
+        self._last_open = time.monotonic()
         self._fill_pool()
         while True:
             pooled = bool(self._pool)
@@ -397,6 +400,10 @@ class Ingress:
         """Fill the pool, then keep its actors alive with keep-alives."""
         while True:
             while len(self._pool) < self.settings.session_pool:
+                # Not during a burst of new sessions: starting a worker costs
+                # ~0.5 s of CPU, which the burst's own sessions need.
+                while time.monotonic() - self._last_open < POOL_QUIET_S:
+                    await asyncio.sleep(POOL_QUIET_S / 4)
                 sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
                 actor = self._spawn(sid, token)
                 try:
