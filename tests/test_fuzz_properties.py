@@ -21,7 +21,8 @@ from diglett.audio import AudioError, InputFormat, check_format, decode_frame
 from diglett.audio import decode_wav
 from diglett.decision import NOISE, decide
 from diglett.protocol import CLOSE_CODES, KNOWN_TYPES, ProtocolError, parse_control
-from diglett.session import Close, EnrollJob, HopJob, SessionEngine, Summary
+from diglett.session import Close, EnrollJob, EnrollWindowJob, FlushHeld, HopJob
+from diglett.session import SessionEngine, Summary
 from diglett.settings import Settings
 
 FAST = settings(
@@ -234,7 +235,8 @@ def test_session_engine_any_frames(seq):
         embs = [np.ones(192, dtype=np.float32) for _ in jobs]
         msgs, close = eng.finish(acts, embs)
         for a in acts:
-            assert isinstance(a, (dict, Close, HopJob, EnrollJob, Summary))
+            kinds = (dict, Close, HopJob, EnrollWindowJob, EnrollJob, FlushHeld)
+            assert isinstance(a, kinds + (Summary,))
         errors = [m for m in msgs if m["type"] == "error"]
         for m in errors:
             assert m["code"] in ALL_CODES and m["message"]
