@@ -74,6 +74,20 @@ def _voices(folder: Path) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
     return enrolls, np.concatenate(turns)
 
 
+async def enroll_all(ws, enrolls) -> str:
+    """Enroll each (name, 16 kHz float audio) over an open session in 1 s
+    frames; returns "" or the error code that stopped it."""
+    for name, x in enrolls:
+        await ws.send(json.dumps({"type": "enroll", "speaker": name}))
+        for i in range(0, x.size, 16000):
+            await ws.send(_s16(x[i : i + 16000]))
+        await ws.send(json.dumps({"type": "enroll_end"}))
+        reply = json.loads(await ws.recv())
+        if reply["type"] != "enrolled":
+            return reply.get("code", "enroll failed")
+    return ""
+
+
 async def _session(
     url: str,
     headers: dict,
@@ -99,15 +113,9 @@ async def _session(
             if ready["type"] != "ready":
                 res.error = ready.get("code", "refused")
                 return res
-            for name, x in enrolls:
-                await ws.send(json.dumps({"type": "enroll", "speaker": name}))
-                for i in range(0, x.size, 16000):
-                    await ws.send(_s16(x[i : i + 16000]))
-                await ws.send(json.dumps({"type": "enroll_end"}))
-                reply = json.loads(await ws.recv())
-                if reply["type"] != "enrolled":
-                    res.error = reply.get("code", "enroll failed")
-                    return res
+            res.error = await enroll_all(ws, enrolls)
+            if res.error:
+                return res
             await ws.send(json.dumps({"type": "stream"}))
 
             async def reader():
@@ -147,30 +155,26 @@ async def _session(
     return res
 
 
-def _ray_memory_mb() -> float:
-    total = 0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-            try:
-                total += p.memory_full_info().uss
-            except psutil.Error:
-                pass
-    return total / 2**20
-
-
-def _server_cpu_s() -> float:
-    """CPU seconds used so far by this machine's Ray processes (the server)."""
+def _ray_total(measure) -> float:
+    """Sum of `measure(process)` over this machine's Ray processes (the server)."""
     total = 0.0
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
         if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
             try:
-                t = p.cpu_times()
-                total += t.user + t.system
+                total += measure(p)
             except psutil.Error:
                 pass
     return total
+
+
+def _ray_memory_mb() -> float:
+    return _ray_total(lambda p: p.memory_full_info().uss) / 2**20
+
+
+def _server_cpu_s() -> float:
+    """CPU seconds used so far by the server's processes."""
+    return _ray_total(lambda p: sum(p.cpu_times()[:2]))
 
 
 async def _step(args, url, headers, enrolls, conv, n: int) -> dict:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.load import SPEAKERS, _voices  # noqa: E402
+from bench.load import SPEAKERS, _voices, enroll_all  # noqa: E402
 from diglett.audio import encode_s16  # noqa: E402
 
 
@@ -51,14 +51,9 @@ async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hol
         await opened()
         if ready["type"] != "ready":
             return start_s, ready.get("code", "refused")
-        for name, x in enrolls:
-            await ws.send(json.dumps({"type": "enroll", "speaker": name}))
-            for i in range(0, x.size, 16000):
-                await ws.send(encode_s16(x[i : i + 16000]))
-            await ws.send(json.dumps({"type": "enroll_end"}))
-            reply = json.loads(await ws.recv())
-            if reply["type"] != "enrolled":
-                return start_s, reply.get("code", "enroll failed")
+        failed = await enroll_all(ws, enrolls)
+        if failed:
+            return start_s, failed
         await ws.send(json.dumps({"type": "stream"}))
         n = int(stream_s * 16000)
         for i in range(0, n, 16000):
