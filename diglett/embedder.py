@@ -39,11 +39,24 @@ class Embedder:
         self.max_batch = max_batch
 
     @classmethod
-    def load(cls, model_dir: Path, device: str = "auto") -> "Embedder":
+    def load(
+        cls, model_dir: Path, device: str = "auto", cpu_precision: str = "fp32"
+    ) -> "Embedder":
+        """`cpu_precision` "int8" quantizes the model when it runs on the CPU
+        (see diglett/int8.py); a GPU always runs it in fp16 autocast."""
         from diglett.model_store import load_encoder
 
+        if cpu_precision not in ("int8", "fp32"):
+            raise ValueError(
+                f"cpu_precision must be int8 or fp32, not {cpu_precision!r}"
+            )
         dev = pick_device(device)
-        return cls(load_encoder(model_dir, dev), dev)
+        encoder = load_encoder(model_dir, dev)
+        if dev == "cpu" and cpu_precision == "int8":
+            from diglett.int8 import quantize_int8
+
+            encoder.mods.embedding_model = quantize_int8(encoder.mods.embedding_model)
+        return cls(encoder, dev)
 
     def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
         """Raw (not length-normalised) embeddings, shape (192,) each, in order.

@@ -66,6 +66,10 @@ class Settings:
     # cores (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor, which halved
     # ECAPA's throughput on a 2-core machine: 7.3 → 19.7 windows/s at batch 8).
     torch_threads: int = 0
+    # "int8": a CPU replica runs ECAPA's pointwise convolutions as int8 GEMMs
+    # (diglett/int8.py: 1.7-4x the windows/s, embeddings at cosine ~0.99 of
+    # float32, the same labels; see README "Performance"); "fp32": exact.
+    cpu_precision: str = "int8"
     # Placement on a multi-node cluster (see README, "Cluster").
     # SessionActors: Ray scheduling strategy ("SPREAD" or "DEFAULT"), and
     # optionally a custom resource each one takes 1 unit of, so a node that
@@ -133,6 +137,8 @@ class Settings:
             raise ValueError("DIGLETT_BATCH_SIZE must be at least 1")
         if self.session_strategy.upper() not in ("SPREAD", "DEFAULT"):
             raise ValueError("DIGLETT_SESSION_STRATEGY must be SPREAD or DEFAULT")
+        if self.cpu_precision not in ("int8", "fp32"):
+            raise ValueError("DIGLETT_CPU_PRECISION must be int8 or fp32")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
 

@@ -30,6 +30,15 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads() if torch is not None else None
 
 
+def _precision(settings: Settings, device: str) -> str:
+    """What the model computes in, for `info()`."""
+    if settings.embedder == "noop":
+        return "none"
+    if device.startswith("cuda"):
+        return "fp16"
+    return settings.cpu_precision if settings.embedder == "ecapa" else "fp32"
+
+
 def _count_windows(requests: list) -> int:
     return sum(len(r) for r in requests)
 
@@ -64,8 +73,11 @@ class EmbeddingDeployment:
             self.model_dir = ""
         else:
             model_dir = resolve_model_dir(settings)
-            self.embedder = Embedder.load(model_dir, settings.device)
+            self.embedder = Embedder.load(
+                model_dir, settings.device, settings.cpu_precision
+            )
             self.model_dir = str(model_dir)
+        self.precision = _precision(settings, self.embedder.device)
         if self.embedder.device == "cpu":
             import os
 
@@ -135,4 +147,5 @@ class EmbeddingDeployment:
             "batch_wait_s": self._batch_wait_s,
             "load_s": round(self.load_s, 2),
             "torch_threads": _torch_threads(),
+            "precision": self.precision,
         }

@@ -20,11 +20,12 @@ from diglett.settings import Settings
 pytestmark = [needs_model, needs_speakers, pytest.mark.model]
 
 
-@pytest.fixture(scope="module")
-def embedder():
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def embedder(request):
+    """Both CPU precisions must label the same (int8 is the server's default)."""
     from diglett.embedder import Embedder
 
-    return Embedder.load(model_dir(), "cpu")
+    return Embedder.load(model_dir(), "cpu", request.param)
 
 
 def run(engine: SessionEngine, embedder, items) -> list[dict]:

@@ -479,9 +479,10 @@ def test_new_session_comes_from_the_warm_pool(server):
     assert f"session-{sid}" in before
 
 
-def test_cpu_replica_uses_every_core(server):
+def test_cpu_replica_uses_every_core_and_int8(server):
     """Ray gives a 1-CPU actor OMP_NUM_THREADS=1; the CPU replica sets torch
-    back to all cores (DIGLETT_TORCH_THREADS=0), which doubled throughput."""
+    back to all cores (DIGLETT_TORCH_THREADS=0), which doubled throughput;
+    and it runs the int8 model by default (DIGLETT_CPU_PRECISION)."""
     import os
 
     from ray import serve
@@ -490,3 +491,4 @@ def test_cpu_replica_uses_every_core(server):
     info = handle.info.remote().result(timeout_s=30)
     if info["device"] == "cpu":
         assert info["torch_threads"] == os.cpu_count()
+        assert info["precision"] == os.environ.get("DIGLETT_CPU_PRECISION", "int8")
