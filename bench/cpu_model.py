@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""ECAPA alone on this CPU: windows/s and CPU per window, fp32 against int8.
+
+Runs the model as the CPU replica does (`Embedder`, 1.5 s windows of real
+speech), for each precision and torch thread count, side by side in one run
+and `--rounds` times interleaved, so a noisy shared machine hits all
+configurations alike. No Ray, no server.
+
+    .venv/bin/python bench/cpu_model.py                 # batch 8, threads 1 and all
+    .venv/bin/python bench/cpu_model.py --batch 4 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
+
+
+def _windows(folder: Path, n: int) -> list[np.ndarray]:
+    """`n` 1.5 s windows of real speech, shape (24000,) each."""
+    out: list[np.ndarray] = []
+    for row in csv.DictReader((folder / "manifest.csv").open()):
+        x = sf.read(folder / row["file"], dtype="float32")[0]
+        out += [x[k : k + 24000] for k in range(0, x.size - 24000, 24000)]
+        if len(out) >= n:
+            return out[:n]
+    raise SystemExit(f"{folder} holds fewer than {n} windows")
+
+
+def _rate(embedder, batch: list[np.ndarray], seconds: float) -> tuple[float, float]:
+    """(windows/s, CPU ms per window) of repeated `embed(batch)` calls."""
+    embedder.embed(batch)
+    wall0, cpu0, n = time.perf_counter(), time.process_time(), 0
+    while time.perf_counter() - wall0 < seconds:
+        embedder.embed(batch)
+        n += len(batch)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return n / wall, 1e3 * cpu / n
+
+
+def main() -> int:
+    import torch
+
+    from diglett.embedder import Embedder
+    from diglett.model_store import resolve_model_dir
+    from diglett.settings import Settings
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=SPEAKERS)
+    args = ap.parse_args()
+    model_dir = resolve_model_dir(Settings.from_env())
+    models = {p: Embedder.load(model_dir, "cpu", p) for p in ("fp32", "int8")}
+    batch = _windows(args.data, args.batch)
+    threads = sorted({1, os.cpu_count() or 1})
+    results: dict[str, list] = {}
+    for _ in range(args.rounds):
+        for t in threads:
+            torch.set_num_threads(t)
+            for name, emb in models.items():
+                results.setdefault(f"{name} threads={t}", []).append(
+                    _rate(emb, batch, args.seconds)
+                )
+    rows = []
+    for key, runs in results.items():
+        rate = float(np.median([r for r, _ in runs]))
+        cpu = float(np.median([c for _, c in runs]))
+        rows.append(
+            {
+                "config": key,
+                "windows_per_s": round(rate, 1),
+                "cpu_ms_per_window": round(cpu, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    for t in threads:
+        a, b = (results[f"{p} threads={t}"] for p in ("fp32", "int8"))
+        ratio = np.median([r for r, _ in b]) / np.median([r for r, _ in a])
+        print(f"int8 / fp32 windows/s with {t} thread(s): {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
