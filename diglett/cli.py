@@ -54,6 +54,11 @@ def render_config(base: Path, settings: Settings, gpus: int) -> dict:
             if gpus:
                 dep.setdefault("ray_actor_options", {})["num_gpus"] = 1
                 dep["autoscaling_config"]["max_replicas"] = gpus
+            else:
+                # One CPU replica already uses all cores but one; a second on
+                # the same machine splits them and loads the model again
+                # while the first is overloaded (it made a 2-core run worse).
+                dep["autoscaling_config"]["max_replicas"] = 1
             dep["ray_actor_options"] = embedding_actor_options(
                 dep.get("ray_actor_options"), settings
             )

@@ -63,11 +63,11 @@ class Settings:
     # weights, for GPU machines the weights cannot reach).
     embedder: str = "ecapa"
     # Threads torch may use in a CPU embedding replica; 0: all of the node's
-    # cores (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor, which halved
-    # ECAPA's throughput on a 2-core machine: 7.3 → 19.7 windows/s at batch 8).
+    # cores but one (serve_app/embedding.py, default_torch_threads). Ray's
+    # OMP_NUM_THREADS=1 for a 1-CPU actor is not what a big CPU node wants.
     torch_threads: int = 0
     # "int8": a CPU replica runs ECAPA's pointwise convolutions as int8 GEMMs
-    # (diglett/int8.py: 1.7-4x the windows/s, embeddings at cosine ~0.99 of
+    # (diglett/int8.py: ~2.4x the windows/s, embeddings at cosine ~0.99 of
     # float32, the same labels; see README "Performance"); "fp32": exact.
     cpu_precision: str = "int8"
     # Placement on a multi-node cluster (see README, "Cluster").

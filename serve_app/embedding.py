@@ -23,6 +23,20 @@ from serve_app import metrics
 logger = logging.getLogger("ray.serve")
 
 
+def default_torch_threads() -> int:
+    """All of this process's cores but one (at least 1).
+
+    The replica shares its node with the ingress, the proxy and the
+    SessionActors; with every core in torch's pool, a torch op waits for
+    whichever of its threads those processes preempted. Measured side by
+    side on a 2-core machine (int8, real-time sessions, bench/load.py):
+    1 thread held 6 sessions at p95 331 ms; 2 threads held 4 (6 at 1.6 s).
+    """
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def _torch_threads() -> int | None:
     import sys
 
@@ -50,7 +64,10 @@ def _count_windows(requests: list) -> int:
     autoscaling_config={
         "min_replicas": 1,
         "max_replicas": 4,
-        "target_ongoing_requests": 64,
+        # Each node's EmbedBatcher keeps at most 16 requests out (merging the
+        # rest), so a replica sees ~1-2 ongoing while it keeps up and 16 per
+        # node once it falls behind: 8 scales on the latter (64 never did).
+        "target_ongoing_requests": 8,
     },
     ray_actor_options={"num_cpus": 1},
 )
@@ -61,6 +78,13 @@ class EmbeddingDeployment:
         from diglett.embedder import Embedder, NoopEmbedder, RandomEcapa, pick_device
         from diglett.model_store import resolve_model_dir
 
+        import os
+
+        # Before torch loads OpenMP: idle pool threads sleep instead of
+        # spinning, so a multi-threaded replica does not burn the cores the
+        # sessions need (2 threads, side by side: lag p95 1.6 -> 1.0 s at 6
+        # sessions). An explicit OMP_WAIT_POLICY is kept.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         settings = Settings.from_env()
         t0 = time.monotonic()
         if settings.embedder == "noop":
@@ -79,11 +103,9 @@ class EmbeddingDeployment:
             self.model_dir = str(model_dir)
         self.precision = _precision(settings, self.embedder.device)
         if self.embedder.device == "cpu":
-            import os
-
             import torch
 
-            torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+            torch.set_num_threads(settings.torch_threads or default_torch_threads())
         self._configure(settings.batch_size, settings.batch_wait_s)
         self.load_s = time.monotonic() - t0
         logger.info(

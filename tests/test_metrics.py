@@ -109,6 +109,15 @@ def test_rendered_configs_are_valid_serve_configs():
     ]
     assert emb["ray_actor_options"]["num_gpus"] == 1
     assert emb["ray_actor_options"]["resources"] == {"diglett_embed": 1}
+    assert emb["autoscaling_config"]["max_replicas"] == 2  # one per GPU
+    [cpu] = [
+        d
+        for d in render_config(ROOT / "cluster" / "serve.yaml", s, gpus=0)[
+            "applications"
+        ][0]["deployments"]
+        if d["name"] == "EmbeddingDeployment"
+    ]
+    assert cpu["autoscaling_config"]["max_replicas"] == 1  # it uses the cores
     assert rendered["logging_config"]["encoding"] == "JSON"
     text = Settings.from_env({"DIGLETT_LOG_FORMAT": "text"})
     assert (

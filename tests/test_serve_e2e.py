@@ -419,9 +419,12 @@ def test_backlog_larger_than_a_batch(server, voices):
     together = handle.embed.remote(windows).result(timeout_s=120)
     alone = [handle.embed.remote([w]).result(timeout_s=60)[0] for w in windows[::13]]
     assert len(together) == n
-    for got, want in zip(together[::13], alone):
-        cos = np.dot(got, want) / np.linalg.norm(got) / np.linalg.norm(want)
-        assert cos > 0.9999
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    sims = np.array([[np.dot(unit(g), unit(w)) for w in alone] for g in together[::13]])
+    # In order (each part's result is its own window's), and the same values
+    # up to float summation order, which int8 rounding can amplify (0.9998).
+    assert list(sims.argmax(axis=1)) == list(range(len(alone)))
+    assert sims.diagonal().min() > 0.999
 
 
 def test_backlog_past_the_bound_is_overloaded(server, voices):
@@ -479,10 +482,10 @@ def test_new_session_comes_from_the_warm_pool(server):
     assert f"session-{sid}" in before
 
 
-def test_cpu_replica_uses_every_core_and_int8(server):
+def test_cpu_replica_threads_and_int8(server):
     """Ray gives a 1-CPU actor OMP_NUM_THREADS=1; the CPU replica sets torch
-    back to all cores (DIGLETT_TORCH_THREADS=0), which doubled throughput;
-    and it runs the int8 model by default (DIGLETT_CPU_PRECISION)."""
+    to all cores but one (DIGLETT_TORCH_THREADS=0), and it runs the int8
+    model by default (DIGLETT_CPU_PRECISION)."""
     import os
 
     from ray import serve
@@ -490,5 +493,8 @@ def test_cpu_replica_uses_every_core_and_int8(server):
     handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
     info = handle.info.remote().result(timeout_s=30)
     if info["device"] == "cpu":
-        assert info["torch_threads"] == os.cpu_count()
+        cores = len(os.sched_getaffinity(0))
+        assert info["torch_threads"] == int(
+            os.environ.get("DIGLETT_TORCH_THREADS") or max(1, cores - 1)
+        )
         assert info["precision"] == os.environ.get("DIGLETT_CPU_PRECISION", "int8")
