@@ -33,10 +33,14 @@ def pick_device(setting: str) -> str:
 class Embedder:
     """Wraps a SpeechBrain EncoderClassifier for lists of 16 kHz signals."""
 
-    def __init__(self, encoder, device: str, max_batch: int = 256) -> None:
+    def __init__(
+        self, encoder, device: str, max_batch: int = 256, cpu_precision: str = "fp32"
+    ) -> None:
         self.encoder = encoder
         self.device = device
         self.max_batch = max_batch
+        # What the model computes in (reported by the replica's `info()`).
+        self.precision = "fp16" if device.startswith("cuda") else cpu_precision
 
     @classmethod
     def load(
@@ -45,8 +49,9 @@ class Embedder:
         """`cpu_precision` "int8" quantizes the model when it runs on the CPU
         (see diglett/int8.py); a GPU always runs it in fp16 autocast."""
         from diglett.model_store import load_encoder
+        from diglett.settings import CPU_PRECISIONS
 
-        if cpu_precision not in ("int8", "fp32"):
+        if cpu_precision not in CPU_PRECISIONS:
             raise ValueError(
                 f"cpu_precision must be int8 or fp32, not {cpu_precision!r}"
             )
@@ -56,7 +61,7 @@ class Embedder:
             from diglett.int8 import quantize_int8
 
             encoder.mods.embedding_model = quantize_int8(encoder.mods.embedding_model)
-        return cls(encoder, dev)
+        return cls(encoder, dev, cpu_precision=cpu_precision)
 
     def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
         """Raw (not length-normalised) embeddings, shape (192,) each, in order.
@@ -108,6 +113,7 @@ class NoopEmbedder:
     """
 
     device = "none"
+    precision = "none"
 
     def __init__(self) -> None:
         self._vec = np.ones(EMBEDDING_DIM, dtype=np.float32)

@@ -16,8 +16,6 @@ speech embeds at cosine 0.990 (mean) and >= 0.965 (min) of float32
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 
@@ -90,12 +88,13 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """An int8 copy of `model` (ECAPA's embedding_model) for CPU inference."""
+    """`model` (ECAPA's embedding_model) made int8 for CPU inference, in
+    place (a replica never needs the float copy, so none is made); returned."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    converted = copy.deepcopy(model).cpu().eval()
+    converted = model.cpu().eval()
     if pointwise_as_linear(converted) == 0:
         raise ValueError("the model has no pointwise convolutions to quantize")
     # torch 2.11 still ships eager dynamic quantization but warns that it
@@ -106,5 +105,6 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
             converted,
             {torch.nn.Linear: per_channel_dynamic_qconfig},
             dtype=torch.qint8,
+            inplace=True,
         )
     return quantized

@@ -17,6 +17,7 @@ from dotenv import load_dotenv
 MODEL_NAME = "speechbrain/spkrec-ecapa-voxceleb"
 SAMPLE_RATE = 16000
 PROTOCOL_VERSION = 1
+CPU_PRECISIONS = ("int8", "fp32")  # DIGLETT_CPU_PRECISION values
 
 
 def default_cache_dir() -> Path:
@@ -137,7 +138,7 @@ class Settings:
             raise ValueError("DIGLETT_BATCH_SIZE must be at least 1")
         if self.session_strategy.upper() not in ("SPREAD", "DEFAULT"):
             raise ValueError("DIGLETT_SESSION_STRATEGY must be SPREAD or DEFAULT")
-        if self.cpu_precision not in ("int8", "fp32"):
+        if self.cpu_precision not in CPU_PRECISIONS:
             raise ValueError("DIGLETT_CPU_PRECISION must be int8 or fp32")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import numpy as np
@@ -30,10 +31,9 @@ def default_torch_threads() -> int:
     SessionActors; with every core in torch's pool, a torch op waits for
     whichever of its threads those processes preempted. Measured side by
     side on a 2-core machine (int8, real-time sessions, bench/load.py):
-    1 thread held 6 sessions at p95 331 ms; 2 threads held 4 (6 at 1.6 s).
+    1 thread held 6 sessions at p95 331 ms; 2 threads held 4 with passive
+    OpenMP threads (6 at 1.0 s) and none with spinning ones (4 at 2.0 s).
     """
-    import os
-
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
@@ -42,15 +42,6 @@ def _torch_threads() -> int | None:
 
     torch = sys.modules.get("torch")
     return torch.get_num_threads() if torch is not None else None
-
-
-def _precision(settings: Settings, device: str) -> str:
-    """What the model computes in, for `info()`."""
-    if settings.embedder == "noop":
-        return "none"
-    if device.startswith("cuda"):
-        return "fp16"
-    return settings.cpu_precision if settings.embedder == "ecapa" else "fp32"
 
 
 def _count_windows(requests: list) -> int:
@@ -78,12 +69,10 @@ class EmbeddingDeployment:
         from diglett.embedder import Embedder, NoopEmbedder, RandomEcapa, pick_device
         from diglett.model_store import resolve_model_dir
 
-        import os
-
         # Before torch loads OpenMP: idle pool threads sleep instead of
         # spinning, so a multi-threaded replica does not burn the cores the
-        # sessions need (2 threads, side by side: lag p95 1.6 -> 1.0 s at 6
-        # sessions). An explicit OMP_WAIT_POLICY is kept.
+        # sessions need (2 threads, side by side: lag p95 at 4 sessions
+        # 2.0 -> 0.3 s, at 6 1.6 -> 1.0 s). An explicit OMP_WAIT_POLICY is kept.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         settings = Settings.from_env()
         t0 = time.monotonic()
@@ -101,7 +90,6 @@ class EmbeddingDeployment:
                 model_dir, settings.device, settings.cpu_precision
             )
             self.model_dir = str(model_dir)
-        self.precision = _precision(settings, self.embedder.device)
         if self.embedder.device == "cpu":
             import torch
 
@@ -169,5 +157,5 @@ class EmbeddingDeployment:
             "batch_wait_s": self._batch_wait_s,
             "load_s": round(self.load_s, 2),
             "torch_threads": _torch_threads(),
-            "precision": self.precision,
+            "precision": self.embedder.precision,
         }
