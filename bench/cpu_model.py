@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """ECAPA alone on this CPU: windows/s and CPU per window, fp32 against int8.
 
+Three models: fp32 (SpeechBrain's, exact), int8 (the default: pointwise
+layers int8, head time-major) and int8-channel-major (int8 with
+SpeechBrain's own head, the previous default), with each model's cosine
+to fp32 on the benchmark's windows.
+
 Runs the model as the CPU replica does (`Embedder`, 1.5 s windows of real
 speech), for each precision and torch thread count, side by side in one run
 and `--rounds` times interleaved, so a noisy shared machine hits all
@@ -53,6 +58,7 @@ def _rate(embedder, batch: list[np.ndarray], seconds: float) -> tuple[float, flo
 def main() -> int:
     import torch
 
+    from diglett.decision import normalize
     from diglett.embedder import Embedder
     from diglett.model_store import resolve_model_dir
     from diglett.settings import Settings
@@ -65,7 +71,12 @@ def main() -> int:
     args = ap.parse_args()
     model_dir = resolve_model_dir(Settings.from_env())
     models = {p: Embedder.load(model_dir, "cpu", p) for p in ("fp32", "int8")}
+    models["int8-channel-major"] = _channel_major_int8(model_dir)
     batch = _windows(args.data, args.batch)
+    ref = np.stack([normalize(e) for e in models["fp32"].embed(batch)])
+    for name, emb in models.items():
+        cos = np.sum(ref * np.stack([normalize(e) for e in emb.embed(batch)]), 1)
+        print(f"{name}: cosine to fp32 mean {cos.mean():.4f} min {cos.min():.4f}")
     threads = sorted({1, os.cpu_count() or 1})
     results: dict[str, list] = {}
     for _ in range(args.rounds):
@@ -88,10 +99,24 @@ def main() -> int:
         )
         print(json.dumps(rows[-1]), flush=True)
     for t in threads:
-        a, b = (results[f"{p} threads={t}"] for p in ("fp32", "int8"))
-        ratio = np.median([r for r, _ in b]) / np.median([r for r, _ in a])
-        print(f"int8 / fp32 windows/s with {t} thread(s): {ratio:.2f}x")
+        for base in ("fp32", "int8-channel-major"):
+            a, b = (results[f"{p} threads={t}"] for p in (base, "int8"))
+            ratio = np.median([r for r, _ in b]) / np.median([r for r, _ in a])
+            print(f"int8 / {base} windows/s with {t} thread(s): {ratio:.2f}x")
     return 0
+
+
+def _channel_major_int8(model_dir: Path):
+    """The int8 model with SpeechBrain's channel-major head (the earlier
+    default), for comparison."""
+    from diglett.embedder import Embedder
+    from diglett.int8 import quantize_int8
+
+    emb = Embedder.load(model_dir, "cpu", "fp32")
+    mods = emb.encoder.mods
+    mods.embedding_model = quantize_int8(mods.embedding_model, time_major=False)
+    emb.precision = "int8"
+    return emb
 
 
 if __name__ == "__main__":

@@ -87,16 +87,24 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
     return n
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.Module:
     """`model` (ECAPA's embedding_model) made int8 for CPU inference, in
-    place (a replica never needs the float copy, so none is made); returned."""
+    place (a replica never needs the float copy, so none is made); returned.
+
+    An ECAPA's head then runs time-major (diglett/ecapa_time_major.py);
+    `time_major=False` keeps SpeechBrain's own, for side-by-side benchmarks.
+    """
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    from diglett.ecapa_time_major import TimeMajorEcapa, is_ecapa
+
     converted = model.cpu().eval()
     if pointwise_as_linear(converted) == 0:
         raise ValueError("the model has no pointwise convolutions to quantize")
+    if time_major and is_ecapa(converted):
+        converted = TimeMajorEcapa(converted).eval()
     # torch 2.11 still ships eager dynamic quantization but warns that it
     # moves to torchao; one warning per replica start says nothing useful.
     with warnings.catch_warnings():

@@ -30,6 +30,31 @@ def test_only_pointwise_convolutions_are_replaced():
     assert isinstance(model[2], torch.nn.Conv1d)
 
 
+@needs_model
+@needs_speakers
+@pytest.mark.model
+def test_time_major_ecapa_equals_speechbrains_forward():
+    """Float32, real model and speech: the time-major head (split attention
+    weight, batch norms as affine maps) gives SpeechBrain's embeddings."""
+    from diglett.ecapa_time_major import TimeMajorEcapa
+    from diglett.model_store import load_encoder
+
+    encoder = load_encoder(model_dir(), "cpu")
+    x = load16(utterances()["VCTK-p226"][0])
+    wavs = torch.from_numpy(np.stack([x[:24000], x[8000:32000], 0.1 * x[:24000]]))
+    lens = torch.ones(3)
+    with torch.inference_mode():
+        feats = encoder.mods.mean_var_norm(encoder.mods.compute_features(wavs), lens)
+        ecapa = encoder.mods.embedding_model.eval()
+        want = ecapa(feats, lens)
+        pointwise_as_linear(ecapa)
+        got = TimeMajorEcapa(ecapa).eval()(feats, lens)
+        with pytest.raises(ValueError, match="equal-length"):
+            TimeMajorEcapa(ecapa)(feats, torch.tensor([1.0, 0.5, 1.0]))
+    assert got.shape == want.shape == (3, 1, 192)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
 def test_a_model_without_pointwise_convolutions_is_refused():
     with pytest.raises(ValueError):
         quantize_int8(torch.nn.Sequential(torch.nn.Conv1d(2, 2, kernel_size=3)))
