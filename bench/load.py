@@ -155,32 +155,79 @@ async def _session(
     return res
 
 
-def _ray_total(measure) -> float:
-    """Sum of `measure(process)` over this machine's Ray processes (the server)."""
-    total = 0.0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-            try:
-                total += measure(p)
-            except psutil.Error:
-                pass
-    return total
+# Server processes by what they do (their Ray process titles), for the
+# per-role CPU breakdown; the first match wins.
+ROLES = (
+    ("model", "EmbeddingDeployment"),
+    ("ingress", "Ingress"),
+    ("proxy", "ProxyActor"),
+    ("sessions", "SessionActor"),
+    ("batcher", "EmbedBatcher"),
+    ("controller", "ServeController"),
+    ("raylet", "raylet"),
+    ("gcs", "gcs_server"),
+)
+
+
+def _role(cmdline: str) -> str:
+    return next((role for role, key in ROLES if key in cmdline), "other")
+
+
+def _server_procs() -> list[psutil.Process]:
+    """The local server's processes: everything this process started (Ray's
+    GCS, raylet, agents, workers), or, with `--url`, every Ray process."""
+    procs = psutil.Process().children(recursive=True)
+    if procs:
+        return procs
+    return [
+        p
+        for p in psutil.process_iter()
+        if any(k in " ".join(_cmdline(p)) for k in ("ray::", "raylet", "gcs_server"))
+    ]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} of the server's processes."""
+    out = {}
+    for p in _server_procs():
+        try:
+            out[p.pid] = (_role(" ".join(p.cmdline())), sum(p.cpu_times()[:2]))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _cpu_by_role(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per role between two `_cpu_by_pid` snapshots (a worker
+    that took up a role meanwhile counts under it; ended ones are missed)."""
+    roles: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        roles[role] = roles.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+    return roles
 
 
 def _ray_memory_mb() -> float:
-    return _ray_total(lambda p: p.memory_full_info().uss) / 2**20
-
-
-def _server_cpu_s() -> float:
-    """CPU seconds used so far by the server's processes."""
-    return _ray_total(lambda p: sum(p.cpu_times()[:2]))
+    total = 0.0
+    for p in _server_procs():
+        try:
+            total += p.memory_full_info().uss
+        except psutil.Error:
+            pass
+    return total / 2**20
 
 
 async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     speed = 0.0 if args.fast else args.speed
     psutil.cpu_percent(None)
-    cpu0 = _server_cpu_s()
+    cpu0 = _cpu_by_pid()
+    own0 = sum(psutil.Process().cpu_times()[:2])
     t0 = time.monotonic()
     results = await asyncio.gather(
         *[
@@ -190,7 +237,9 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     )
     wall = time.monotonic() - t0
     cpu = psutil.cpu_percent(None)
-    server_cpu = _server_cpu_s() - cpu0  # processes that ended are missed
+    by_role = _cpu_by_role(cpu0, _cpu_by_pid())
+    server_cpu = sum(by_role.values())
+    windows = max(1, sum(r.windows for r in results))
     lat = np.array([v for r in results for v in r.latency_ms] or [np.nan])
     lag = np.array([v for r in results for v in r.lag_ms] or [np.nan])
     held = sum(
@@ -211,8 +260,14 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         "lag_p50": round(float(np.nanpercentile(lag, 50)), 1),
         "lag_p95": round(float(np.nanpercentile(lag, 95)), 1),
         "cpu_percent": cpu,
-        "server_cpu_ms_per_window": round(
-            server_cpu * 1e3 / max(1, sum(r.windows for r in results)), 3
+        "server_cpu_ms_per_window": round(server_cpu * 1e3 / windows, 3),
+        # Where the server's CPU went, ms per window, and the load generator's.
+        "cpu_ms_per_window_by_role": {
+            k: round(v * 1e3 / windows, 2)
+            for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])
+        },
+        "load_generator_cpu_ms_per_window": round(
+            (sum(psutil.Process().cpu_times()[:2]) - own0) * 1e3 / windows, 2
         ),
         "ray_uss_mb": round(_ray_memory_mb(), 1),
     }

@@ -91,8 +91,9 @@ def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.M
     """`model` (ECAPA's embedding_model) made int8 for CPU inference, in
     place (a replica never needs the float copy, so none is made); returned.
 
-    An ECAPA's head then runs time-major (diglett/ecapa_time_major.py);
-    `time_major=False` keeps SpeechBrain's own, for side-by-side benchmarks.
+    An ECAPA's head then runs time-major (diglett/ecapa_time_major.py) and
+    the network as a TorchScript trace; `time_major=False` keeps
+    SpeechBrain's own eager model, for side-by-side benchmarks.
     """
     import warnings
 
@@ -115,4 +116,6 @@ def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.M
             dtype=torch.qint8,
             inplace=True,
         )
+    if isinstance(quantized, TimeMajorEcapa):
+        quantized.trace()
     return quantized

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -35,24 +37,37 @@ def test_only_pointwise_convolutions_are_replaced():
 @pytest.mark.model
 def test_time_major_ecapa_equals_speechbrains_forward():
     """Float32, real model and speech: the time-major head (split attention
-    weight, batch norms as affine maps) gives SpeechBrain's embeddings."""
+    weight, batch norms as affine maps) gives SpeechBrain's embeddings, eager
+    and traced, for batch sizes and lengths other than the trace's."""
     from diglett.ecapa_time_major import TimeMajorEcapa
     from diglett.model_store import load_encoder
 
     encoder = load_encoder(model_dir(), "cpu")
+    ecapa = encoder.mods.embedding_model.eval()
     x = load16(utterances()["VCTK-p226"][0])
-    wavs = torch.from_numpy(np.stack([x[:24000], x[8000:32000], 0.1 * x[:24000]]))
-    lens = torch.ones(3)
-    with torch.inference_mode():
-        feats = encoder.mods.mean_var_norm(encoder.mods.compute_features(wavs), lens)
-        ecapa = encoder.mods.embedding_model.eval()
-        want = ecapa(feats, lens)
-        pointwise_as_linear(ecapa)
-        got = TimeMajorEcapa(ecapa).eval()(feats, lens)
-        with pytest.raises(ValueError, match="equal-length"):
-            TimeMajorEcapa(ecapa)(feats, torch.tensor([1.0, 0.5, 1.0]))
-    assert got.shape == want.shape == (3, 1, 192)
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    for n, size in ((3, 24000), (1, 8000), (5, 40000)):
+        wavs = torch.from_numpy(
+            np.stack([(0.1 + k / n) * x[k * 4000 : k * 4000 + size] for k in range(n)])
+        )
+        lens = torch.ones(n)
+        with torch.inference_mode():
+            feats = encoder.mods.mean_var_norm(
+                encoder.mods.compute_features(wavs), lens
+            )
+            want = encoder.mods.embedding_model(feats, lens)
+            rewritten = copy.deepcopy(ecapa)
+            pointwise_as_linear(rewritten)
+            fast = TimeMajorEcapa(rewritten)
+            eager = fast(feats, lens)
+            traced = fast.trace()(feats, lens)
+        assert want.shape == (n, 1, 192)
+        for got in (eager, traced):
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (
+                (got - want).abs().max()
+            )
+    with pytest.raises(ValueError, match="equal-length"):
+        fast(feats, torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0]))
 
 
 def test_a_model_without_pointwise_convolutions_is_refused():
