@@ -38,9 +38,12 @@ def batcher_name(app_name: str, node_id: str) -> str:
 class EmbedBatcher:
     """Forwards the windows of many callers to the embedding tier, merged."""
 
-    def __init__(self, app_name: str, deployment_name: str) -> None:
+    def __init__(self, app_name: str, deployment_name: str, niceness: int = 0) -> None:
         from ray import serve
 
+        from diglett.priority import lower_cpu_priority
+
+        lower_cpu_priority(niceness)  # see Settings.serving_nice
         self.handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
         self._pending: list[tuple[list, asyncio.Future]] = []
         self._in_flight = 0
@@ -101,7 +104,9 @@ class EmbedBatcher:
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
-def node_batcher(app_name: str, deployment_name: str, namespace: str):
+def node_batcher(
+    app_name: str, deployment_name: str, namespace: str, niceness: int = 0
+):
     """This node's batcher, created by whichever session asks first."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -112,4 +117,4 @@ def node_batcher(app_name: str, deployment_name: str, namespace: str):
         get_if_exists=True,
         lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(app_name, deployment_name)
+    ).remote(app_name, deployment_name, niceness)

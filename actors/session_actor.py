@@ -23,6 +23,7 @@ from actors.embed_batcher import node_batcher
 from diglett import logging_setup
 from diglett.audio import to_int16
 from diglett.holdback import HoldRule
+from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, EnrollWindowJob, SessionEngine
 from diglett.settings import Settings
@@ -63,6 +64,7 @@ class SessionActor:
     ) -> None:
         """`embedding` names the tier: (Serve app name, deployment name)."""
         self.settings = settings
+        lower_cpu_priority(settings.serving_nice)
         logging_setup.configure(session_id=session_id, fmt=settings.log_format)
         self.engine = SessionEngine(settings)
         self.embedding = embedding
@@ -170,7 +172,9 @@ class SessionActor:
             if left <= 0:
                 break
             if self._batcher is None:
-                self._batcher = node_batcher(*self.embedding, NAMESPACE)
+                self._batcher = node_batcher(
+                    *self.embedding, NAMESPACE, self.settings.serving_nice
+                )
             ref = self._batcher.embed.remote(signals)
             try:
                 return await asyncio.wait_for(_result(ref), left)
@@ -212,6 +216,7 @@ class SessionActor:
         return {
             "pid": os.getpid(),
             "torch_loaded": "torch" in sys.modules,
+            "niceness": thread_niceness(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "speakers": sorted(self.engine.enrollments),
             "thresholds": self.engine.thresholds(),

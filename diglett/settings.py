@@ -71,6 +71,10 @@ class Settings:
     # (diglett/int8.py: ~2x the windows/s, embeddings at cosine ~0.99 of
     # float32, 98.2 % vs 98.0 % of frames right; README "Accuracy"); "fp32": exact.
     cpu_precision: str = "int8"
+    # Niceness of the serving processes we start (SessionActors, the ingress,
+    # the batchers; diglett/priority.py) so that a CPU embedding replica's
+    # torch thread, the bottleneck, runs first when both are ready. 0: off.
+    serving_nice: int = 5
     # Placement on a multi-node cluster (see README, "Cluster").
     # SessionActors: Ray scheduling strategy ("SPREAD" or "DEFAULT"), and
     # optionally a custom resource each one takes 1 unit of, so a node that
@@ -140,6 +144,8 @@ class Settings:
             raise ValueError("DIGLETT_SESSION_STRATEGY must be SPREAD or DEFAULT")
         if self.cpu_precision not in CPU_PRECISIONS:
             raise ValueError("DIGLETT_CPU_PRECISION must be int8 or fp32")
+        if not 0 <= self.serving_nice <= 19:
+            raise ValueError("DIGLETT_SERVING_NICE must lie in [0, 19]")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
 

@@ -38,6 +38,7 @@ from diglett import __version__, levels
 from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
 from diglett.holdback import HoldRule, can_hold
+from diglett.priority import lower_cpu_priority
 from diglett.protocol import CLOSE_CODES, error
 from diglett.settings import Settings
 from serve_app import metrics
@@ -219,6 +220,7 @@ class Ingress:
 
     def __init__(self, embedder: DeploymentHandle) -> None:
         self.settings = Settings.from_env()
+        lower_cpu_priority(self.settings.serving_nice)
         self.embedder = embedder
         # SessionActors reach the tier by name, through their node's batcher.
         dep = embedder.deployment_id

@@ -498,3 +498,21 @@ def test_cpu_replica_threads_and_int8(server):
             os.environ.get("DIGLETT_TORCH_THREADS") or max(1, cores - 1)
         )
         assert info["precision"] == os.environ.get("DIGLETT_CPU_PRECISION", "int8")
+
+
+def test_serving_processes_yield_the_cpu_to_the_model(server):
+    """SessionActors run at DIGLETT_SERVING_NICE, all their threads."""
+    import os
+
+    import ray
+
+    from actors.session_actor import NAMESPACE
+    from diglett.settings import Settings
+
+    with open_ws(server) as ws:
+        sid = recv(ws)["session_id"]
+        actor = ray.get_actor(f"session-{sid}", namespace=NAMESPACE)
+        stats = ray.get(actor.stats.remote(), timeout=30)
+    assert stats["niceness"] == max(
+        os.getpriority(os.PRIO_PROCESS, 0), Settings.from_env().serving_nice
+    )
