@@ -312,7 +312,11 @@ def _start_local(args) -> str:
         port = s.getsockname()[1]
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(), name="diglett", route_prefix="/")
+    # As `diglett serve` does: one CPU embedding replica per machine without
+    # a GPU (a second splits the same cores), one per GPU otherwise.
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    app = build_app({"max_embed_replicas": gpus or 1})
+    serve.run(app, name="diglett", route_prefix="/")
     return f"ws://127.0.0.1:{port}/v1/stream"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from diglett.settings import Settings
-from serve_app.embedding import EmbeddingDeployment
+from serve_app.embedding import AUTOSCALING, EmbeddingDeployment
 from serve_app.ingress import Ingress
 from serve_app.placement import embedding_actor_options
 
@@ -17,18 +17,21 @@ from serve_app.placement import embedding_actor_options
 def build_app(args: dict | None = None) -> Application:
     """Ingress → EmbeddingDeployment; deployment options come from the config.
 
+    `args["max_embed_replicas"]` caps the embedding tier's autoscaling (the
+    benchmarks pass 1 on a GPU-less machine, as `diglett serve` does).
     `DIGLETT_EMBED_RESOURCE` pins embedding replicas to nodes that advertise
     that custom resource (a Serve config's `ray_actor_options` replaces these,
     which is why `diglett serve` applies the same setting to the config).
     """
     settings = Settings.from_env()
-    embedding = EmbeddingDeployment
+    options: dict = {}
     if settings.embed_resource:
         base = EmbeddingDeployment.ray_actor_options
-        embedding = EmbeddingDeployment.options(
-            ray_actor_options=embedding_actor_options(base, settings)
-        )
-    return Ingress.bind(embedding.bind())
+        options["ray_actor_options"] = embedding_actor_options(base, settings)
+    cap = (args or {}).get("max_embed_replicas")
+    if cap:
+        options["autoscaling_config"] = {**AUTOSCALING, "max_replicas": int(cap)}
+    return Ingress.bind(EmbeddingDeployment.options(**options).bind())
 
 
 app = build_app()

@@ -48,18 +48,21 @@ def _count_windows(requests: list) -> int:
     return sum(len(r) for r in requests)
 
 
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 4,
+    # Each node's EmbedBatcher keeps at most 16 requests out (merging the
+    # rest), so a replica sees ~1-2 ongoing while it keeps up and 16 per
+    # node once it falls behind: 8 scales on the latter (64 never did).
+    "target_ongoing_requests": 8,
+}
+
+
 @serve.deployment(
     name="EmbeddingDeployment",
     # Caps how many requests can wait in a replica: must exceed the batch.
     max_ongoing_requests=256,
-    autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": 4,
-        # Each node's EmbedBatcher keeps at most 16 requests out (merging the
-        # rest), so a replica sees ~1-2 ongoing while it keeps up and 16 per
-        # node once it falls behind: 8 scales on the latter (64 never did).
-        "target_ongoing_requests": 8,
-    },
+    autoscaling_config=AUTOSCALING,
     ray_actor_options={"num_cpus": 1},
 )
 class EmbeddingDeployment:

@@ -145,3 +145,19 @@ def test_kuberay_manifest_embeds_the_cluster_serve_config():
     assert "diglett_session" in groups["sessions-cpu"]["rayStartParams"]["resources"]
     gpu = groups["embed-gpu"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_build_app_caps_the_embedding_tier_when_asked():
+    """The benchmarks start the app as `diglett serve` would on a GPU-less
+    machine: `max_embed_replicas` caps the tier, other autoscaling kept."""
+    from serve_app.app import build_app
+
+    def autoscaling(app):
+        [embedding] = app._bound_deployment.init_args  # Ingress(embedding)
+        return embedding._bound_deployment._deployment_config.autoscaling_config
+
+    capped, default = autoscaling(build_app({"max_embed_replicas": 1})), autoscaling(
+        build_app()
+    )
+    assert (capped.max_replicas, default.max_replicas) == (1, 4)
+    assert capped.target_ongoing_requests == default.target_ongoing_requests == 8
