@@ -11,21 +11,22 @@ ready; with idle cores the niceness changes nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
 
-def lower_cpu_priority(niceness: int) -> int:
-    """Raise the niceness of every thread of this process to at least
-    `niceness` (never lowers it; 0 does nothing). Returns how many threads
-    changed. Raising niceness needs no privilege; where the platform has no
-    per-thread niceness, only the calling thread changes."""
+def lower_cpu_priority(niceness: int, keep: Collection[int] = ()) -> int:
+    """Raise the niceness of every thread of this process but those in
+    `keep` (native thread ids) to at least `niceness` (never lowers it; 0
+    does nothing). Returns how many threads changed. Threads started later
+    inherit it from the thread that starts them. Raising niceness needs no
+    privilege; where the platform has no per-thread niceness, only the
+    calling thread changes."""
     if niceness <= 0:
         return 0
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]  # 0: the calling thread
     changed = 0
-    for tid in tids:
+    for tid in _thread_ids():
+        if tid in keep:
+            continue
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
                 os.setpriority(os.PRIO_PROCESS, tid, niceness)
@@ -35,17 +36,23 @@ def lower_cpu_priority(niceness: int) -> int:
     return changed
 
 
-def thread_niceness() -> int:
-    """The lowest niceness among this process's threads (what the least
-    nice of them runs at)."""
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
+def thread_niceness(skip: Collection[int] = (), only: int | None = None) -> int:
+    """The lowest niceness among this process's threads but those in `skip`
+    (what the least nice of them runs at), or thread `only`'s."""
     values = []
-    for tid in tids:
+    for tid in _thread_ids() if only is None else [only]:
+        if tid in skip:
+            continue
         try:
             values.append(os.getpriority(os.PRIO_PROCESS, tid))
         except OSError:
             pass
     return min(values)
+
+
+def _thread_ids() -> list[int]:
+    """Native ids of this process's threads ([0], the caller, off Linux)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]

@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
 
 from diglett.audio import to_float32
+from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.settings import Settings
 from serve_app import metrics
+from serve_app.placement import model_worker_options
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,7 +67,7 @@ AUTOSCALING = {
     # Caps how many requests can wait in a replica: must exceed the batch.
     max_ongoing_requests=256,
     autoscaling_config=AUTOSCALING,
-    ray_actor_options={"num_cpus": 1},
+    ray_actor_options=model_worker_options({"num_cpus": 1}),
 )
 class EmbeddingDeployment:
     """Loads ECAPA once per replica and embeds batches of 16 kHz signals."""
@@ -98,6 +102,15 @@ class EmbeddingDeployment:
 
             torch.set_num_threads(settings.torch_threads or default_torch_threads())
         self._configure(settings.batch_size, settings.batch_wait_s)
+        # The model runs in a thread of its own, at the priority the replica
+        # started with (Ray starts workers at niceness 15 and its own RPC
+        # threads at 0; this replica's worker starts at 0, see placement.py).
+        # Its other threads (Serve's event loops, Ray's RPC threads) serve
+        # requests and yield the CPU to it like the SessionActors do
+        # (Settings.serving_nice); torch's intra-op threads start from it.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="diglett-model")
+        self._model_tid = self._model_thread.submit(threading.get_native_id).result()
+        lower_cpu_priority(settings.serving_nice, keep={self._model_tid})
         self.load_s = time.monotonic() - t0
         logger.info(
             "embedding replica ready on %s in %.1f s", self.embedder.device, self.load_s
@@ -143,7 +156,8 @@ class EmbeddingDeployment:
         # The model runs in a thread so the replica keeps accepting requests
         # (and so forms the next batch) while this one computes.
         t0 = time.monotonic()
-        embs = await asyncio.to_thread(self.embedder.embed, flat)
+        loop = asyncio.get_running_loop()
+        embs = await loop.run_in_executor(self._model_thread, self.embedder.embed, flat)
         metrics.batch(len(flat), time.monotonic() - t0)
         out, k = [], 0
         for r in requests:
@@ -161,4 +175,8 @@ class EmbeddingDeployment:
             "load_s": round(self.load_s, 2),
             "torch_threads": _torch_threads(),
             "precision": self.embedder.precision,
+            "niceness": {
+                "model_thread": thread_niceness(only=self._model_tid),
+                "others": thread_niceness(skip={self._model_tid}),
+            },
         }

@@ -23,9 +23,28 @@ def session_actor_options(settings: Settings) -> dict:
     return opts
 
 
+# Ray starts every worker process at niceness 15, behind its own RPC threads
+# (niceness 0) in every process of the node. The embedding replica's model
+# thread is the node's bottleneck on a CPU, so its worker starts at 0 (the
+# replica then lowers all its other threads; serve_app/embedding.py).
+MODEL_WORKER_ENV = {"RAY_worker_niceness": "0"}
+
+
+def model_worker_options(base: dict | None) -> dict:
+    """`ray_actor_options` with the model worker's environment merged in."""
+    opts = dict(base or {})
+    runtime_env = dict(opts.get("runtime_env") or {})
+    runtime_env["env_vars"] = {
+        **MODEL_WORKER_ENV,
+        **(runtime_env.get("env_vars") or {}),
+    }
+    opts["runtime_env"] = runtime_env
+    return opts
+
+
 def embedding_actor_options(base: dict | None, settings: Settings) -> dict:
     """`ray_actor_options` of the EmbeddingDeployment with the placement applied."""
-    opts = dict(base or {})
+    opts = model_worker_options(base)
     if settings.embed_resource:
         resources = dict(opts.get("resources") or {})
         resources[settings.embed_resource] = 1

@@ -73,7 +73,16 @@ def test_json_logs_carry_session_id_and_never_audio():
 def test_placement_defaults_spread_without_resources():
     s = Settings.from_env({})
     assert session_actor_options(s) == {"scheduling_strategy": "SPREAD"}
-    assert embedding_actor_options({"num_cpus": 1}, s) == {"num_cpus": 1}
+    assert embedding_actor_options({"num_cpus": 1}, s) == {
+        "num_cpus": 1,
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
+    }
+    # A config's own environment variables are kept.
+    own = {"num_cpus": 1, "runtime_env": {"env_vars": {"X": "1"}, "pip": ["a"]}}
+    assert embedding_actor_options(own, s)["runtime_env"] == {
+        "env_vars": {"RAY_worker_niceness": "0", "X": "1"},
+        "pip": ["a"],
+    }
 
 
 def test_placement_custom_resources():
@@ -92,6 +101,7 @@ def test_placement_custom_resources():
     assert embedding_actor_options(base, s) == {
         "num_cpus": 1,
         "resources": {"other": 2, "diglett_embed": 1},
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
     }
     assert base == {"num_cpus": 1, "resources": {"other": 2}}  # not mutated
 
@@ -161,3 +171,34 @@ def test_build_app_caps_the_embedding_tier_when_asked():
     )
     assert (capped.max_replicas, default.max_replicas) == (1, 4)
     assert capped.target_ongoing_requests == default.target_ongoing_requests == 8
+
+
+def test_every_config_starts_the_model_worker_at_niceness_0():
+    """Ray starts workers at niceness 15; the embedding replica's worker must
+    start at 0 however it is deployed: decorator (tests, benchmarks),
+    `diglett serve`'s rendered config, the cluster and KubeRay configs."""
+    from diglett.cli import render_config
+    from diglett.settings import Settings
+    from serve_app.embedding import EmbeddingDeployment
+
+    def env(options: dict) -> dict:
+        return options["runtime_env"]["env_vars"]
+
+    want = {"RAY_worker_niceness": "0"}
+    assert env(EmbeddingDeployment.ray_actor_options).items() >= want.items()
+    cluster = yaml.safe_load((ROOT / "cluster" / "serve-cluster.yaml").read_text())
+    docs = yaml.safe_load_all(
+        (ROOT / "cluster" / "kuberay-rayservice.yaml").read_text()
+    )
+    [svc] = [d for d in docs if d and d.get("kind") == "RayService"]
+    configs = [
+        render_config(ROOT / "cluster" / "serve.yaml", Settings(), gpus)
+        for gpus in (0, 2)
+    ] + [cluster, yaml.safe_load(svc["spec"]["serveConfigV2"])]
+    for config in configs:
+        [emb] = [
+            d
+            for d in config["applications"][0]["deployments"]
+            if d["name"] == "EmbeddingDeployment"
+        ]
+        assert env(emb["ray_actor_options"]).items() >= want.items()

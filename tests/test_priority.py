@@ -9,28 +9,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import os, threading
+import threading
 from diglett.priority import lower_cpu_priority, thread_niceness
-start, stop = threading.Event(), threading.Event()
+ids, stop = [], threading.Event()
 def wait():
-    start.set()
+    ids.append(threading.get_native_id())
     stop.wait()
-t = threading.Thread(target=wait)
-t.start()
-start.wait()
+threads = [threading.Thread(target=wait) for _ in range(2)]
+for t in threads:
+    t.start()
+while len(ids) < 2:
+    pass
+kept, other = ids
 base = thread_niceness()
 print(lower_cpu_priority(0), thread_niceness() == base)
-print(lower_cpu_priority(base + 3), thread_niceness() == base + 3)
-print(lower_cpu_priority(base + 1), thread_niceness() == base + 3)
+print(lower_cpu_priority(base + 3, keep={kept}), thread_niceness(skip={kept}) == base + 3)
+print(thread_niceness(only=kept) == base, thread_niceness(only=other) == base + 3)
+print(lower_cpu_priority(base + 1, keep={kept}), thread_niceness(skip={kept}) == base + 3)
 stop.set()
-t.join()
+for t in threads:
+    t.join()
 """
 
 
 def test_every_thread_is_lowered_and_never_raised():
-    """In a child process with two threads: 0 changes nothing, a higher
-    niceness reaches both threads, a lower one is not applied (the
-    serving processes never gain priority)."""
+    """In a child process with three threads: 0 changes nothing, a higher
+    niceness reaches every thread but the one kept (the replica's model
+    thread), a lower one is not applied (serving never gains priority)."""
     out = subprocess.run(
         [sys.executable, "-c", CHILD],
         cwd=ROOT,
@@ -39,7 +44,7 @@ def test_every_thread_is_lowered_and_never_raised():
         timeout=60,
         check=True,
     ).stdout.split("\n")
-    assert out[:3] == ["0 True", "2 True", "0 True"], out
+    assert out[:4] == ["0 True", "2 True", "True True", "0 True"], out
 
 
 def test_serving_nice_setting_is_validated():

@@ -501,18 +501,23 @@ def test_cpu_replica_threads_and_int8(server):
 
 
 def test_serving_processes_yield_the_cpu_to_the_model(server):
-    """SessionActors run at DIGLETT_SERVING_NICE, all their threads."""
+    """SessionActors run at DIGLETT_SERVING_NICE, all their threads; so do
+    the embedding replica's threads but the one that runs the model."""
     import os
 
     import ray
+    from ray import serve
 
     from actors.session_actor import NAMESPACE
     from diglett.settings import Settings
 
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = max(base, Settings.from_env().serving_nice)
     with open_ws(server) as ws:
         sid = recv(ws)["session_id"]
         actor = ray.get_actor(f"session-{sid}", namespace=NAMESPACE)
         stats = ray.get(actor.stats.remote(), timeout=30)
-    assert stats["niceness"] == max(
-        os.getpriority(os.PRIO_PROCESS, 0), Settings.from_env().serving_nice
-    )
+    assert stats["niceness"] == nice
+    handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
+    info = handle.info.remote().result(timeout_s=30)
+    assert info["niceness"] == {"model_thread": base, "others": nice}
