@@ -2,8 +2,8 @@
 """ECAPA alone on this CPU: windows/s and CPU per window, fp32 against int8.
 
 Three models: fp32 (SpeechBrain's, exact), int8 (the default: pointwise
-layers int8, head time-major) and int8-channel-major (int8 with
-SpeechBrain's own head, the previous default), with each model's cosine
+layers int8, time-major, traced) and int8-channel-major (int8 with
+SpeechBrain's own layout, eager: the first int8 default), with each model's cosine
 to fp32 on the benchmark's windows.
 
 Runs the model as the CPU replica does (`Embedder`, 1.5 s windows of real
@@ -107,7 +107,7 @@ def main() -> int:
 
 
 def _channel_major_int8(model_dir: Path):
-    """The int8 model with SpeechBrain's channel-major head (the earlier
+    """The int8 model with SpeechBrain's channel-major layout (the earlier
     default), for comparison."""
     from diglett.embedder import Embedder
     from diglett.int8 import quantize_int8

@@ -1,4 +1,4 @@
-"""ECAPA-TDNN's aggregation and pooling, computed time-major, for the CPU.
+"""ECAPA-TDNN computed time-major, for the CPU.
 
 SpeechBrain keeps ECAPA's activations channel-major, (batch, channels,
 time). Its pointwise layers, once they are matrix products over channels
@@ -8,11 +8,12 @@ the batch norm after it walked slowly. The worst was the attentive pooling:
 it concatenates the frames with their utterance mean and standard deviation
 repeated over time, (batch, 9216, time), only to multiply that by a matrix.
 
-Here the head of the model (multi-layer aggregation, attentive statistics
-pooling, its batch norm and the final linear layer) runs time-major:
+Here everything after the first (k=5) block runs time-major:
 
-- the three blocks' outputs are gathered into (batch, time, 3072) with one
-  copy, and every later layer reads contiguous rows;
+- each SE-Res2Block's pointwise layers, batch norms and SE gate read
+  contiguous rows; only the Res2Net's dilated k=3 convolutions run
+  channel-major, between one transpose in and one out;
+- the three blocks' outputs concatenate into (batch, time, 3072) as they are;
 - batch norms are the affine maps they are at inference, over the last axis;
 - the attention's 9216-channel input is never built: its weight splits into
   the part for the frames and the part for the (time-constant) statistics,
@@ -39,6 +40,15 @@ def _affine(bn: torch.nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach().clone(), (bn.bias - bn.running_mean * scale).detach().clone()
 
 
+def _affine_buffers(
+    module: torch.nn.Module, name: str, bn: torch.nn.BatchNorm1d
+) -> None:
+    """Register `bn` as buffers `{name}_scale` and `{name}_shift` of `module`."""
+    scale, shift = _affine(bn)
+    module.register_buffer(f"{name}_scale", scale)
+    module.register_buffer(f"{name}_shift", shift)
+
+
 def _linear(layer: torch.nn.Module) -> torch.nn.Linear:
     """The `nn.Linear` of a pointwise layer (see int8.PointwiseLinear)."""
     if not isinstance(layer, PointwiseLinear):
@@ -48,7 +58,7 @@ def _linear(layer: torch.nn.Module) -> torch.nn.Linear:
 
 class TimeMajorEcapa(torch.nn.Module):
     """SpeechBrain's `ECAPA_TDNN` (pointwise layers already `PointwiseLinear`)
-    with its head run time-major; same inputs and outputs.
+    run time-major after its first block; same inputs and outputs.
 
     forward(x: (batch, time, 80) features, lengths: (batch,) relative, all 1)
     -> (batch, 1, 192) embeddings. Only whole, equal-length signals are
@@ -94,7 +104,8 @@ class _Network(torch.nn.Module):
         super().__init__()
         if not ecapa.asp.global_context:
             raise ValueError("only ECAPA with global-context attention")
-        self.blocks = ecapa.blocks
+        self.first = ecapa.blocks[0]  # the k=5 TDNN block, channel-major
+        self.blocks = torch.nn.ModuleList(_SERes2Block(b) for b in ecapa.blocks[1:])
         mfa = ecapa.mfa
         self.mfa = _linear(mfa.conv)
         self._affine_buffers("mfa", mfa.norm.norm)
@@ -114,20 +125,16 @@ class _Network(torch.nn.Module):
         self._affine_buffers("pool", ecapa.asp_bn.norm)
         self.fc = _linear(ecapa.fc)
 
-    def _affine_buffers(self, name: str, bn: torch.nn.BatchNorm1d) -> None:
-        scale, shift = _affine(bn)
-        self.register_buffer(f"{name}_scale", scale)
-        self.register_buffer(f"{name}_shift", shift)
+    _affine_buffers = _affine_buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.transpose(1, 2)  # (B, 80, T): the blocks stay channel-major
+        # (B, T, 80) -> first block (B, 1024, T) -> (B, T, 1024), one copy.
+        x = self.first(x.transpose(1, 2)).transpose(1, 2).contiguous()
         outs = []
-        for layer in self.blocks:
-            # Whole signals: SE gates average over all frames (lengths=None).
-            x = layer(x)
+        for block in self.blocks:
+            x = block(x)
             outs.append(x)
-        # (B, T, 3072), one copy; the blocks' outputs are (B, 1024, T).
-        h = torch.cat([o.transpose(1, 2) for o in outs[1:]], dim=2)
+        h = torch.cat(outs, dim=2)  # (B, T, 3072)
         h = F.relu_(self.mfa(h)).mul_(self.mfa_scale).add_(self.mfa_shift)
         pooled = self._pool(h)
         pooled = pooled * self.pool_scale + self.pool_shift
@@ -143,6 +150,37 @@ class _Network(torch.nn.Module):
         w = torch.softmax(self.attn_out(a), dim=1)  # (B, T, C), over time
         mean, std = _stats(h, w, self.eps)
         return torch.cat([mean, std], dim=1)
+
+
+class _SERes2Block(torch.nn.Module):
+    """SpeechBrain's SERes2NetBlock on time-major (B, T, C) input and output.
+
+    Its pointwise layers and batch norms read contiguous rows; only the
+    Res2Net's dilated k=3 convolutions (SpeechBrain's own modules) run
+    channel-major, between one transpose in and one out. The SE gate
+    averages over all frames (whole signals, as TimeMajorEcapa requires).
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        if block.shortcut is not None:
+            raise ValueError("only SE-Res2Blocks without a shortcut convolution")
+        self.lin1 = _linear(block.tdnn1.conv)
+        self._affine_buffers("bn1", block.tdnn1.norm.norm)
+        self.res2net = block.res2net_block
+        self.lin2 = _linear(block.tdnn2.conv)
+        self._affine_buffers("bn2", block.tdnn2.norm.norm)
+        self.se1 = _linear(block.se_block.conv1)
+        self.se2 = _linear(block.se_block.conv2)
+
+    _affine_buffers = _affine_buffers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu_(self.lin1(x)).mul_(self.bn1_scale).add_(self.bn1_shift)
+        h = self.res2net(h.transpose(1, 2)).transpose(1, 2)
+        h = F.relu_(self.lin2(h)).mul_(self.bn2_scale).add_(self.bn2_shift)
+        gate = torch.sigmoid(self.se2(F.relu(self.se1(h.mean(dim=1)))))  # (B, C)
+        return torch.addcmul(x, h, gate.unsqueeze(1))
 
 
 def _stats(

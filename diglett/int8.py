@@ -91,7 +91,7 @@ def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.M
     """`model` (ECAPA's embedding_model) made int8 for CPU inference, in
     place (a replica never needs the float copy, so none is made); returned.
 
-    An ECAPA's head then runs time-major (diglett/ecapa_time_major.py) and
+    An ECAPA then runs time-major (diglett/ecapa_time_major.py) and
     the network as a TorchScript trace; `time_major=False` keeps
     SpeechBrain's own eager model, for side-by-side benchmarks.
     """
