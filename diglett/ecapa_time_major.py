@@ -92,7 +92,10 @@ class TimeMajorEcapa(torch.nn.Module):
 
         example = torch.zeros(2, 151, 80)
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes on constants
+            # torch 2.11 warns that jit.trace is deprecated for torch.compile
+            # (a C++ toolchain at run time) or torch.export (the way on; see
+            # README); one warning per replica start helps nobody.
+            warnings.simplefilter("ignore")
             self.net = torch.jit.trace(self.net.eval(), example, check_trace=False)
         return self
 
