@@ -111,7 +111,7 @@ class _Network(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(_SERes2Block(b) for b in ecapa.blocks[1:])
         mfa = ecapa.mfa
         self.mfa = _linear(mfa.conv)
-        self._affine_buffers("mfa", mfa.norm.norm)
+        _affine_buffers(self, "mfa", mfa.norm.norm)
         asp = ecapa.asp
         self.eps = asp.eps
         attn = _linear(asp.tdnn.conv)
@@ -123,12 +123,10 @@ class _Network(torch.nn.Module):
             self.attn_frames.weight.copy_(attn.weight[:, :c])
         self.register_buffer("attn_stats_w", attn.weight[:, c:].detach().clone())
         self.register_buffer("attn_bias", attn.bias.detach().clone())
-        self._affine_buffers("attn", asp.tdnn.norm.norm)
+        _affine_buffers(self, "attn", asp.tdnn.norm.norm)
         self.attn_out = _linear(asp.conv)
-        self._affine_buffers("pool", ecapa.asp_bn.norm)
+        _affine_buffers(self, "pool", ecapa.asp_bn.norm)
         self.fc = _linear(ecapa.fc)
-
-    _affine_buffers = _affine_buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, T, 80) -> first block (B, 1024, T) -> (B, T, 1024), one copy.
@@ -169,14 +167,12 @@ class _SERes2Block(torch.nn.Module):
         if block.shortcut is not None:
             raise ValueError("only SE-Res2Blocks without a shortcut convolution")
         self.lin1 = _linear(block.tdnn1.conv)
-        self._affine_buffers("bn1", block.tdnn1.norm.norm)
+        _affine_buffers(self, "bn1", block.tdnn1.norm.norm)
         self.res2net = block.res2net_block
         self.lin2 = _linear(block.tdnn2.conv)
-        self._affine_buffers("bn2", block.tdnn2.norm.norm)
+        _affine_buffers(self, "bn2", block.tdnn2.norm.norm)
         self.se1 = _linear(block.se_block.conv1)
         self.se2 = _linear(block.se_block.conv2)
-
-    _affine_buffers = _affine_buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu_(self.lin1(x)).mul_(self.bn1_scale).add_(self.bn1_shift)

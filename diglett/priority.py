@@ -36,11 +36,11 @@ def lower_cpu_priority(niceness: int, keep: Collection[int] = ()) -> int:
     return changed
 
 
-def thread_niceness(skip: Collection[int] = (), only: int | None = None) -> int:
+def thread_niceness(skip: Collection[int] = ()) -> int:
     """The lowest niceness among this process's threads but those in `skip`
-    (what the least nice of them runs at), or thread `only`'s."""
+    (what the least nice of them runs at)."""
     values = []
-    for tid in _thread_ids() if only is None else [only]:
+    for tid in _thread_ids():
         if tid in skip:
             continue
         try:

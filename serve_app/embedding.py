@@ -176,7 +176,7 @@ class EmbeddingDeployment:
             "torch_threads": _torch_threads(),
             "precision": self.embedder.precision,
             "niceness": {
-                "model_thread": thread_niceness(only=self._model_tid),
+                "model_thread": os.getpriority(os.PRIO_PROCESS, self._model_tid),
                 "others": thread_niceness(skip={self._model_tid}),
             },
         }

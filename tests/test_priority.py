@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import threading
+import os, threading
 from diglett.priority import lower_cpu_priority, thread_niceness
 ids, stop = [], threading.Event()
 def wait():
@@ -24,7 +24,7 @@ kept, other = ids
 base = thread_niceness()
 print(lower_cpu_priority(0), thread_niceness() == base)
 print(lower_cpu_priority(base + 3, keep={kept}), thread_niceness(skip={kept}) == base + 3)
-print(thread_niceness(only=kept) == base, thread_niceness(only=other) == base + 3)
+print(os.getpriority(os.PRIO_PROCESS, kept) == base, os.getpriority(os.PRIO_PROCESS, other) == base + 3)
 print(lower_cpu_priority(base + 1, keep={kept}), thread_niceness(skip={kept}) == base + 3)
 stop.set()
 for t in threads:
