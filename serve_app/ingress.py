@@ -117,7 +117,7 @@ def _call_timeout(frames: list) -> float:
 
 
 class _Inbox:
-    """Frames received but not yet processed, bounded in bytes.
+    """Frames received but not yet answered, bounded in bytes.
 
     Serve's replica pulls every WebSocket message from the proxy into an
     unbounded queue of its own, so awaiting a full queue here would give the
@@ -125,23 +125,33 @@ class _Inbox:
     it would only grow the ingress's memory and the labels' lag. Instead the
     backlog is counted and, past `BACKLOG_BYTES`, the session is ended with
     `overloaded` (try again later).
+
+    A frame counts from its arrival until the SessionActor call that carries
+    it returns (`answered`), not only while it is queued: otherwise a stream
+    that the pump splits into calls of just under the bound each would never
+    pass it, however far behind real time it fell.
     """
 
     def __init__(self, limit: int) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.limit = limit
         self.bytes = 0
-        self.overflow = False
+        self.overflowed = asyncio.Event()
+
+    @property
+    def overflow(self) -> bool:
+        return self.overflowed.is_set()
 
     def put(self, item) -> None:
         if isinstance(item, tuple):
             self.bytes += len(item[1])
-            self.overflow = self.overflow or self.bytes > self.limit
+            if self.bytes > self.limit:
+                self.overflowed.set()
         self.queue.put_nowait(item)
 
-    def taken(self, item) -> None:
-        if isinstance(item, tuple):
-            self.bytes -= len(item[1])
+    def answered(self, frames: list) -> None:
+        """`frames` (taken from `queue`) have been processed."""
+        self.bytes -= sum(len(f[1]) for f in frames)
 
 
 async def _read_frames(ws: WebSocket, inbox: _Inbox) -> None:
@@ -188,6 +198,37 @@ async def _keepalive(actor, conn: int, inbox: "_Inbox") -> None:
 async def _await(ref):
     """An ObjectRef as a coroutine, for asyncio.wait_for."""
     return await ref
+
+
+async def _answer(ref, inbox: _Inbox, timeout: float):
+    """The SessionActor call's result, or None should the connection's
+    backlog pass its bound first: a long call (a backlog of up to
+    `BATCH_FRAMES` frames to embed) must not delay `overloaded` while the
+    client keeps sending. Raises asyncio.TimeoutError after `timeout` s."""
+    call = asyncio.ensure_future(_await(ref))
+    over = asyncio.ensure_future(inbox.overflowed.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {call, over}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        over.cancel()
+        if not call.done():
+            call.cancel()  # the Ray task itself ends with the session's actor
+    if call in done:
+        return call.result()
+    if over in done:
+        return None
+    raise asyncio.TimeoutError
+
+
+async def _overloaded(ws: WebSocket) -> None:
+    await _fatal(
+        ws,
+        "overloaded",
+        f"more than {BACKLOG_BYTES >> 20} MiB of this stream wait "
+        "to be processed: send audio in real time, or try later",
+    )
 
 
 async def _fatal(ws: WebSocket, code: str, message: str) -> None:
@@ -526,15 +567,9 @@ class Ingress:
                         f"no frame for {idle_s:g} s (idle timeout); the session ended",
                     )
                     return
-                inbox.taken(item)
                 if inbox.overflow:
                     ended = True
-                    await _fatal(
-                        ws,
-                        "overloaded",
-                        f"more than {BACKLOG_BYTES >> 20} MiB of this stream wait "
-                        "to be processed: send audio in real time, or try later",
-                    )
+                    await _overloaded(ws)
                     return
                 if isinstance(item, _ActorLost):
                     await self._session_failed(ws, sid, token, enrolled, item.exc)
@@ -546,7 +581,6 @@ class Ingress:
                     frames.append(item)
                 while len(frames) < BATCH_FRAMES and not eof and not queue.empty():
                     nxt = queue.get_nowait()
-                    inbox.taken(nxt)
                     if nxt is None:
                         eof = True
                     elif not isinstance(nxt, _ActorLost):  # its frames fail anyway
@@ -557,10 +591,15 @@ class Ingress:
                     held = frames
                     continue
                 try:
-                    messages, close, rule = await asyncio.wait_for(
-                        _await(actor.handle.remote(conn, frames)),
-                        _call_timeout(frames),
+                    answer = await _answer(
+                        actor.handle.remote(conn, frames), inbox, _call_timeout(frames)
                     )
+                    if answer is None:
+                        ended = True
+                        await _overloaded(ws)
+                        return
+                    messages, close, rule = answer
+                    inbox.answered(frames)
                     if any(m.get("type") == "enrolled" for m in messages):
                         enrolled = await actor.enrollments.remote()
                 except asyncio.TimeoutError as exc:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_app.ingress import _Inbox, _read_frames
+import pytest
+
+from serve_app.ingress import _answer, _Inbox, _read_frames
 
 
 class FakeSocket:
@@ -27,8 +29,7 @@ def test_backlog_within_the_bound_is_kept_in_order():
     items = [inbox.queue.get_nowait() for _ in range(inbox.queue.qsize())]
     assert not inbox.overflow
     assert items[-1] is None and len(items) == 10
-    for item in items:
-        inbox.taken(item)
+    inbox.answered([item for item in items if item is not None])
     assert inbox.bytes == 0
 
 
@@ -41,12 +42,53 @@ def test_reading_stops_once_the_backlog_passes_the_bound():
     assert inbox.queue.qsize() == 12  # 11 frames and the end marker
 
 
-def test_frames_taken_free_room():
+def test_frames_count_until_answered():
+    """Taking frames off the queue frees nothing: they wait on the session
+    until the call that carries them returns."""
     inbox = _Inbox(limit=2500)
     for _ in range(2):
         inbox.put((False, b"\0" * 1000, 0.0))
-    inbox.taken(inbox.queue.get_nowait())
-    inbox.put((True, "x" * 1000, 0.0))
-    assert not inbox.overflow and inbox.bytes == 2000
-    inbox.put((False, b"\0" * 600, 0.0))
+    first = [inbox.queue.get_nowait()]
+    inbox.put((True, "x" * 400, 0.0))
+    assert inbox.bytes == 2400 and not inbox.overflow
+    inbox.answered(first)
+    inbox.put((False, b"\0" * 1000, 0.0))
+    assert not inbox.overflow and inbox.bytes == 2400
+    inbox.put((False, b"\0" * 101, 0.0))
     assert inbox.overflow
+
+
+def test_a_call_gives_way_to_the_overflow():
+    """A call still running when the backlog passes the bound is given up at
+    once (None), not awaited."""
+
+    async def go():
+        inbox = _Inbox(limit=100)
+        never = asyncio.get_running_loop().create_future()
+        answer = asyncio.ensure_future(_answer(never, inbox, timeout=60))
+        await asyncio.sleep(0.01)
+        assert not answer.done()
+        inbox.put((False, b"\0" * 101, 0.0))
+        return await asyncio.wait_for(answer, 5), never
+
+    result, never = asyncio.run(go())
+    assert result is None and never.cancelled()
+
+
+def test_a_call_that_returns_first_gives_its_result():
+    async def go():
+        inbox = _Inbox(limit=100)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(("messages", None, "rule"))
+        return await _answer(done, inbox, timeout=60)
+
+    assert asyncio.run(go()) == ("messages", None, "rule")
+
+
+def test_a_call_past_its_timeout_raises():
+    async def go():
+        never = asyncio.get_running_loop().create_future()
+        await _answer(never, _Inbox(limit=100), timeout=0.05)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(go())
