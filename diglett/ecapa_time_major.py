@@ -8,11 +8,12 @@ the batch norm after it walked slowly. The worst was the attentive pooling:
 it concatenates the frames with their utterance mean and standard deviation
 repeated over time, (batch, 9216, time), only to multiply that by a matrix.
 
-Here everything after the first (k=5) block runs time-major:
+Here the whole network runs time-major:
 
-- each SE-Res2Block's pointwise layers, batch norms and SE gate read
-  contiguous rows; only the Res2Net's dilated k=3 convolutions run
-  channel-major, between one transpose in and one out;
+- every convolution is a matrix product over contiguous rows: the
+  pointwise layers as they are, the first block's k=5 and the Res2Nets'
+  dilated k=3 convolutions over their taps' frames side by side (so int8
+  covers them too);
 - the three blocks' outputs concatenate into (batch, time, 3072) as they are;
 - batch norms are the affine maps they are at inference, over the last axis;
 - the attention's 9216-channel input is never built: its weight splits into
@@ -107,7 +108,7 @@ class _Network(torch.nn.Module):
         super().__init__()
         if not ecapa.asp.global_context:
             raise ValueError("only ECAPA with global-context attention")
-        self.first = ecapa.blocks[0]  # the k=5 TDNN block, channel-major
+        self.first = _TimeConv(ecapa.blocks[0])  # k=5, 80 -> 1024 channels
         self.blocks = torch.nn.ModuleList(_SERes2Block(b) for b in ecapa.blocks[1:])
         mfa = ecapa.mfa
         self.mfa = _linear(mfa.conv)
@@ -129,8 +130,7 @@ class _Network(torch.nn.Module):
         self.fc = _linear(ecapa.fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, T, 80) -> first block (B, 1024, T) -> (B, T, 1024), one copy.
-        x = self.first(x.transpose(1, 2)).transpose(1, 2).contiguous()
+        x = self.first(x)  # (B, T, 80) -> (B, T, 1024)
         outs = []
         for block in self.blocks:
             x = block(x)
@@ -153,13 +153,73 @@ class _Network(torch.nn.Module):
         return torch.cat([mean, std], dim=1)
 
 
+class _TimeConv(torch.nn.Module):
+    """SpeechBrain's TDNNBlock (a "same", reflect-padded, dilated convolution,
+    ReLU, batch norm) on time-major (B, T, C_in) -> (B, T, C_out).
+
+    The convolution is one matrix product: the k taps' frames, shifted by
+    the dilation, sit side by side in a (B, T, k * C_in) row, and the kernel
+    (C_out, C_in, k) is laid out to match as an `nn.Linear` of k * C_in
+    inputs, which int8 quantization then covers like the pointwise layers.
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        conv = block.conv.conv
+        if (
+            conv.stride != (1,)
+            or conv.groups != 1
+            or block.conv.padding != "same"
+            or block.conv.padding_mode != "reflect"
+            or not isinstance(block.activation, torch.nn.ReLU)
+        ):
+            raise ValueError("only stride-1, 'same' reflect-padded ReLU TDNN blocks")
+        c_out, c_in, k = conv.weight.shape
+        self.k, self.dilation = k, conv.dilation[0]
+        self.pad = self.dilation * (k - 1) // 2
+        self.linear = torch.nn.Linear(k * c_in, c_out, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight.permute(0, 2, 1).reshape(c_out, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+        _affine_buffers(self, "bn", block.norm.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, p, d = x.shape[1], self.pad, self.dilation
+        # Reflect padding over time (the edge frame is not repeated).
+        padded = torch.cat(
+            [x[:, 1 : p + 1].flip(1), x, x[:, t - 1 - p : t - 1].flip(1)], dim=1
+        )
+        taps = torch.cat([padded[:, i * d : i * d + t] for i in range(self.k)], dim=2)
+        return F.relu_(self.linear(taps)).mul_(self.bn_scale).add_(self.bn_shift)
+
+
+class _Res2Net(torch.nn.Module):
+    """SpeechBrain's Res2NetBlock on time-major (B, T, C): the channels split
+    into `scale` groups; group i > 0 goes through its TDNN block, after the
+    previous group's output is added to it (from i = 2 on)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.scale = block.scale
+        self.convs = torch.nn.ModuleList(_TimeConv(b) for b in block.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = x.chunk(self.scale, dim=2)
+        out = [groups[0]]
+        y = groups[1]
+        for i, conv in enumerate(self.convs):
+            y = conv(y if i == 0 else groups[i + 1] + y)
+            out.append(y)
+        return torch.cat(out, dim=2)
+
+
 class _SERes2Block(torch.nn.Module):
     """SpeechBrain's SERes2NetBlock on time-major (B, T, C) input and output.
 
-    Its pointwise layers and batch norms read contiguous rows; only the
-    Res2Net's dilated k=3 convolutions (SpeechBrain's own modules) run
-    channel-major, between one transpose in and one out. The SE gate
-    averages over all frames (whole signals, as TimeMajorEcapa requires).
+    Every layer reads contiguous rows, the Res2Net's convolutions too
+    (`_Res2Net`). The SE gate averages over all frames (whole signals, as
+    TimeMajorEcapa requires).
     """
 
     def __init__(self, block: torch.nn.Module) -> None:
@@ -168,7 +228,7 @@ class _SERes2Block(torch.nn.Module):
             raise ValueError("only SE-Res2Blocks without a shortcut convolution")
         self.lin1 = _linear(block.tdnn1.conv)
         _affine_buffers(self, "bn1", block.tdnn1.norm.norm)
-        self.res2net = block.res2net_block
+        self.res2net = _Res2Net(block.res2net_block)
         self.lin2 = _linear(block.tdnn2.conv)
         _affine_buffers(self, "bn2", block.tdnn2.norm.norm)
         self.se1 = _linear(block.se_block.conv1)
@@ -176,7 +236,7 @@ class _SERes2Block(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu_(self.lin1(x)).mul_(self.bn1_scale).add_(self.bn1_shift)
-        h = self.res2net(h.transpose(1, 2)).transpose(1, 2)
+        h = self.res2net(h)
         h = F.relu_(self.lin2(h)).mul_(self.bn2_scale).add_(self.bn2_shift)
         gate = torch.sigmoid(self.se2(F.relu(self.se1(h.mean(dim=1)))))  # (B, C)
         return torch.addcmul(x, h, gate.unsqueeze(1))

@@ -5,8 +5,10 @@ SE-Res2Block's two 1024x1024, the 3072x3072 MFA, the attention's 9216->128):
 per frame, a plain matrix product over channels. Written as `nn.Linear` over
 (batch, time, channels), PyTorch's dynamic quantization runs them as int8
 GEMMs (fbgemm; AVX-512 VNNI where the CPU has it) with per-channel weight
-scales and per-batch activation scales. The dilated k=3 convolutions, batch
-norms, SE gates and the pooling arithmetic stay float32.
+scales and per-batch activation scales. In SpeechBrain's layout the k=5 and
+dilated k=3 convolutions, batch norms, SE gates and the pooling arithmetic
+stay float32; the time-major network (diglett/ecapa_time_major.py) makes the
+k>1 convolutions matrix products too, so they run int8 as well.
 
 Measured on the 2-core machine, batch 8 of 1.5 s windows, side by side
 (bench/cpu_model.py): 9.0 -> 17.8 windows/s with one torch thread; real

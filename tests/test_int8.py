@@ -137,3 +137,26 @@ def test_int8_batch_neighbours_move_an_embedding_only_a_little():
         [alone] = emb.embed([quiet])
         together = emb.embed([quiet, loud, quiet[::-1].copy()])[0]
         assert np.dot(normalize(alone), normalize(together)) > bound, precision
+
+
+@pytest.mark.parametrize("k,dilation", [(3, 2), (3, 4), (5, 1)])
+def test_time_major_tdnn_block_equals_speechbrains(k, dilation):
+    """One TDNN block (reflect-padded "same" convolution, ReLU, batch norm)
+    as a product over its taps' frames, time-major, equals SpeechBrain's,
+    edges included."""
+    from speechbrain.lobes.models.ECAPA_TDNN import TDNNBlock
+
+    from diglett.ecapa_time_major import _TimeConv
+
+    torch.manual_seed(0)
+    block = TDNNBlock(6, 5, kernel_size=k, dilation=dilation).eval()
+    with torch.no_grad():
+        for buf in (block.norm.norm.running_mean, block.norm.norm.weight):
+            buf.copy_(torch.randn(5))
+        block.norm.norm.running_var.copy_(torch.rand(5) + 0.5)
+    x = torch.randn(2, 6, 17)
+    with torch.no_grad():
+        want = block(x).transpose(1, 2)
+        got = _TimeConv(block)(x.transpose(1, 2).contiguous())
+    assert got.shape == want.shape == (2, 17, 5)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
