@@ -14,7 +14,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DIGLETT_CACHE_DIR=/opt/diglett/cache \
     DIGLETT_HOST=0.0.0.0 \
     DIGLETT_PORT=8000 \
-    RAY_USAGE_STATS_ENABLED=0
+    RAY_USAGE_STATS_ENABLED=0 \
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+    RAY_SERVE_LOG_TO_STDERR=1
+# The three RAY_SERVE_ variables: serve_app/serve_env.py, for `ray start` in
+# this image on cluster nodes (`diglett serve` sets them itself).
 
 # libsndfile for soundfile; curl for the HEALTHCHECK; tini reaps Ray's children.
 # Unpinned on purpose: Debian stable only ships security fixes for these.

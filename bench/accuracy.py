@@ -87,6 +87,9 @@ def start_server(model_dir: str) -> str:
     from serve_app.app import build_app
 
     port = free_port()
+    from serve_app.serve_env import apply_serve_env
+
+    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(), name="diglett", route_prefix="/")

@@ -63,6 +63,9 @@ def main() -> int:
     from actors.embed_batcher import EmbedBatcher
     from serve_app.embedding import EmbeddingDeployment
 
+    from serve_app.serve_env import apply_serve_env
+
+    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
     ray.init(log_to_driver=False, include_dashboard=False)
     gpu = ray.cluster_resources().get("GPU", 0) >= 1
     dep = EmbeddingDeployment.options(

@@ -106,6 +106,9 @@ def main() -> int:
     conv = np.concatenate(order)[: int(args.seconds * 16000)]
 
     port = _free_port()
+    from serve_app.serve_env import apply_serve_env
+
+    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(), name="diglett", route_prefix="/")

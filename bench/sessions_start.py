@@ -108,6 +108,9 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    from serve_app.serve_env import apply_serve_env
+
+    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(), name="diglett", route_prefix="/")

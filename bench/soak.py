@@ -210,6 +210,9 @@ def main() -> None:
     from serve_app.app import build_app
 
     port = free_port()
+    from serve_app.serve_env import apply_serve_env
+
+    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(), name="diglett", route_prefix="/")

@@ -23,6 +23,7 @@ import yaml
 
 from diglett.settings import Settings
 from serve_app.placement import embedding_actor_options
+from serve_app.serve_env import apply_serve_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "cluster" / "serve.yaml"
@@ -89,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"diglett: {exc}", file=sys.stderr)
         return 2
     os.environ["DIGLETT_MODEL_DIR"] = str(model_dir)
+    apply_serve_env()  # `serve run` starts Ray with HAProxy and throughput mode
     gpus = _gpu_count()
     config = render_config(Path(args.config), settings, gpus)
     with tempfile.NamedTemporaryFile(

@@ -96,6 +96,9 @@ def server():
     import ray
     from ray import serve
 
+    from serve_app.serve_env import apply_serve_env
+
+    apply_serve_env()  # the data path `diglett serve` runs: HAProxy, throughput mode
     port = _free_port()
     ray.init(
         num_cpus=2,

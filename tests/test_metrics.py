@@ -202,3 +202,17 @@ def test_every_config_starts_the_model_worker_at_niceness_0():
             if d["name"] == "EmbeddingDeployment"
         ]
         assert env(emb["ray_actor_options"]).items() >= want.items()
+
+
+def test_every_way_of_starting_ray_gets_the_serve_data_path():
+    """HAProxy ingress and throughput mode are read when Ray starts: the
+    image (cluster nodes run `ray start` in it) sets the same values as
+    `apply_serve_env`, which leaves values already set alone."""
+    from serve_app.serve_env import SERVE_ENV, apply_serve_env
+
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    apply_serve_env(env)
+    assert env == {**SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    for key, value in SERVE_ENV.items():
+        assert f"{key}={value}" in dockerfile.split(), key

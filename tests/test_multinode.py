@@ -36,6 +36,7 @@ from websockets.sync.client import connect
 
 from conftest import ROOT, load16, model_dir, needs_model, needs_speakers, to_s16
 from conftest import utterances
+from serve_app.serve_env import apply_serve_env
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
 
@@ -161,6 +162,7 @@ def cluster():
     tmp = Path(tempfile.mkdtemp(prefix="dgmn-", dir="/tmp"))  # short: socket paths
     gcs, dash, client, http, *rest = free_ports(4 + 3 * 6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    apply_serve_env(env)  # every `ray start` node: HAProxy, throughput mode
     env.update(
         DIGLETT_MODEL_DIR=str(mdir),
         DIGLETT_DEVICE="cpu",
