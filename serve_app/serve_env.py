@@ -29,6 +29,10 @@ SERVE_ENV: dict[str, str] = {
     # Throughput mode stops replicas logging to stderr; `make serve` and
     # `docker logs` would then show none of the sessions' logs.
     "RAY_SERVE_LOG_TO_STDERR": "1",
+    # A stopping ingress replica stays up this long so that every node's
+    # HAProxy drops it first; that takes the controller about a second, and
+    # Ray's default of 30 s held each Ctrl-C of `make serve` for 30 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 
 
