@@ -18,6 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_LOG_TO_STDERR=1 \
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=0 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
 # The RAY_SERVE_ variables: serve_app/serve_env.py, for `ray start` in
 # this image on cluster nodes (`diglett serve` sets them itself).

@@ -8,9 +8,9 @@ at real time (100 ms frames) that was 18 of the 70 ms of server CPU per
 window. With `RAY_SERVE_ENABLE_HA_PROXY`, HAProxy (C) listens on the Serve
 port and forwards each connection to the ingress replica's own HTTP
 server; `RAY_SERVE_THROUGHPUT_OPTIMIZED` also runs user code on the
-replica's event loop (no thread hop per message) and sends handle calls
-over gRPC. Side by side at 14 real-time sessions on the 2-core machine:
-lag p95 1.2-1.4 s with the Python proxy, 0.15-0.21 s with both (README).
+replica's event loop (no thread hop per message). Side by side at 14
+real-time sessions on the 2-core machine: lag p95 1.2-1.4 s with the Python
+proxy, 0.15-0.21 s with both (README).
 
 Ray reads these when its processes start, so they must be in the
 environment of whatever starts Ray: `ray start` on a cluster node, or the
@@ -29,6 +29,11 @@ SERVE_ENV: dict[str, str] = {
     # Throughput mode stops replicas logging to stderr; `make serve` and
     # `docker logs` would then show none of the sessions' logs.
     "RAY_SERVE_LOG_TO_STDERR": "1",
+    # ...and sends handle calls over gRPC, whose replica server refuses
+    # messages over 4 MiB: a batcher's merged request (up to 512 windows,
+    # 24 MB) failed every session in it under load. Ray's own actor calls
+    # (large arguments through the object store) carry them, as before.
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
     # A stopping ingress replica stays up this long so that every node's
     # HAProxy drops it first; that takes the controller about a second, and
     # Ray's default of 30 s held each Ctrl-C of `make serve` for 30 s.

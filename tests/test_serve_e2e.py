@@ -521,3 +521,22 @@ def test_serving_processes_yield_the_cpu_to_the_model(server):
     handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
     info = handle.info.remote().result(timeout_s=30)
     assert info["niceness"] == {"model_thread": base, "others": nice}
+
+
+def test_a_request_of_many_megabytes_reaches_the_embedding_tier(server, voices):
+    """A node batcher's request (up to 512 int16 windows, 24 MB) goes through
+    the handle whatever its size (Serve's gRPC handle transport, which
+    serve_env.py turns off, refuses messages over 4 MiB: the no-op load
+    benchmark failed sessions so)."""
+    import ray
+
+    from actors.embed_batcher import node_batcher
+    from actors.session_actor import NAMESPACE
+
+    x = voices["a_enroll"]
+    n = 120  # 120 x 48 kB = 5.8 MB
+    window = (x[:24000] * 32767).astype(np.int16)
+    batcher = node_batcher("diglett", "EmbeddingDeployment", NAMESPACE)
+    embs = ray.get(batcher.embed.remote([window] * n), timeout=180)
+    assert len(embs) == n
+    assert all(np.allclose(e, embs[0], atol=1e-3) for e in embs[:3])
