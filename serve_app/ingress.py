@@ -231,6 +231,18 @@ async def _overloaded(ws: WebSocket) -> None:
     )
 
 
+async def _dead_after_warm(pool: list) -> list:
+    """Touch every pooled (actor, id, token) at once; returns those that
+    failed (the same tuples).
+
+    At once, not one after another: a burst leaves a pool of 100 busy
+    actors, and a sequential round could outlast their keep-alive limit."""
+    answers = await asyncio.gather(
+        *(actor.warm.remote() for actor, _, _ in pool), return_exceptions=True
+    )
+    return [e for e, a in zip(pool, answers) if isinstance(a, BaseException)]
+
+
 async def _fatal(ws: WebSocket, code: str, message: str) -> None:
     """Send a fatal error and close with its code."""
     metrics.error(code)
@@ -440,13 +452,28 @@ class Ingress:
             self._pool_task = asyncio.get_running_loop().create_task(self._keep_pool())
 
     async def _keep_pool(self) -> None:
-        """Fill the pool, then keep its actors alive with keep-alives."""
+        """Fill the pool, and keep its actors alive with keep-alives, also
+        while it fills: a pooled actor untouched for 3 x KEEPALIVE_S ends,
+        and filling a pool of 100 on a busy node takes longer than that (46
+        of 100 were found dead so)."""
+        warmed = time.monotonic()
+
+        async def warm_when_due() -> None:
+            nonlocal warmed
+            if time.monotonic() - warmed >= KEEPALIVE_S:
+                dead = await _dead_after_warm(list(self._pool))
+                # Sessions may have taken pooled actors meanwhile.
+                self._pool = [e for e in self._pool if all(e is not d for d in dead)]
+                warmed = time.monotonic()
+
         while True:
             while len(self._pool) < self.settings.session_pool:
                 # Not during a burst of new sessions: starting a worker costs
                 # ~0.5 s of CPU, which the burst's own sessions need.
                 while time.monotonic() - self._last_open < POOL_QUIET_S:
+                    await warm_when_due()
                     await asyncio.sleep(POOL_QUIET_S / 4)
+                await warm_when_due()
                 sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
                 actor = self._spawn(sid, token)
                 try:
@@ -458,12 +485,8 @@ class Ingress:
                     ray.kill(actor, no_restart=True)
                     break
                 self._pool.append((actor, sid, token))
-            await asyncio.sleep(KEEPALIVE_S)
-            for actor, _, _ in list(self._pool):
-                try:
-                    await actor.warm.remote()
-                except Exception:
-                    self._pool = [e for e in self._pool if e[0] is not actor]
+            await asyncio.sleep(max(0.0, KEEPALIVE_S - (time.monotonic() - warmed)))
+            await warm_when_due()
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: end the idle sessions."""

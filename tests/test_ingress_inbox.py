@@ -92,3 +92,33 @@ def test_a_call_past_its_timeout_raises():
 
     with pytest.raises(asyncio.TimeoutError):
         asyncio.run(go())
+
+
+def test_the_pool_is_warmed_at_once_and_loses_its_dead():
+    """All pooled actors are touched concurrently; those that fail are named."""
+    from serve_app.ingress import _dead_after_warm
+
+    active = {"now": 0, "most": 0}
+
+    class Actor:
+        def __init__(self, alive: bool) -> None:
+            self.alive, self.calls = alive, 0
+            self.warm = self
+
+        async def _answer(self) -> None:
+            active["now"] += 1
+            active["most"] = max(active["most"], active["now"])
+            await asyncio.sleep(0.01)
+            active["now"] -= 1
+            self.calls += 1
+            if not self.alive:
+                raise RuntimeError("actor died")
+
+        def remote(self):
+            return self._answer()
+
+    pool = [(Actor(k != 1), f"s{k}", "t") for k in range(3)]
+    dead = asyncio.run(_dead_after_warm(pool))
+    assert active["most"] == 3  # all at once, not one after another
+    assert dead == [pool[1]]
+    assert all(a.calls == 1 for a, _, _ in pool)
