@@ -81,17 +81,13 @@ def start_server(model_dir: str) -> str:
     """serve.run the app on a new local Ray instance; returns its ws URL."""
     if model_dir:
         os.environ["DIGLETT_MODEL_DIR"] = model_dir
-    import ray
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.serve_env import start_local_serve
 
     port = free_port()
-    from serve_app.serve_env import apply_serve_env
-
-    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(port, address="local")  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
     return f"ws://127.0.0.1:{port}/v1/stream"
 

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -62,11 +63,12 @@ def main() -> int:
 
     from actors.embed_batcher import EmbedBatcher
     from serve_app.embedding import EmbeddingDeployment
+    from serve_app.serve_env import start_local_serve
 
-    from serve_app.serve_env import apply_serve_env
-
-    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
-    ray.init(log_to_driver=False, include_dashboard=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start_local_serve(port)  # Ray and Serve as `diglett serve` runs them
     gpu = ray.cluster_resources().get("GPU", 0) >= 1
     dep = EmbeddingDeployment.options(
         num_replicas=args.replicas,
@@ -75,12 +77,6 @@ def main() -> int:
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 / args.replicas if gpu else 0},
         user_config={"batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s},
     )
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.monotonic()
     serve.run(dep.bind(), name=APP, route_prefix=None)
     handle = serve.get_deployment_handle("EmbeddingDeployment", app_name=APP)

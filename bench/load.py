@@ -306,15 +306,12 @@ def _start_local(args) -> str:
         os.environ["DIGLETT_MAX_RATE"] = "0"
     os.environ.setdefault("DIGLETT_MAX_SESSIONS", "5000")
     from serve_app.app import build_app
+    from serve_app.serve_env import start_local_serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from serve_app.serve_env import apply_serve_env
-
-    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(port)  # Ray and Serve as `diglett serve` runs them
     # As `diglett serve` does: one CPU embedding replica per machine without
     # a GPU (a second splits the same cores), one per GPU otherwise.
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -93,6 +93,8 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from serve_app.serve_env import start_local_serve
+
     sys.path.insert(0, str(ROOT))
     from actors.session_actor import NAMESPACE, actor_name
     from serve_app.app import build_app
@@ -106,11 +108,7 @@ def main() -> int:
     conv = np.concatenate(order)[: int(args.seconds * 16000)]
 
     port = _free_port()
-    from serve_app.serve_env import apply_serve_env
-
-    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(port, num_cpus=2)  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
 
     @ray.remote(num_cpus=0)

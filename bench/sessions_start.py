@@ -104,15 +104,12 @@ def main() -> int:
 
     from diglett.settings import Settings
     from serve_app.app import build_app
+    from serve_app.serve_env import start_local_serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from serve_app.serve_env import apply_serve_env
-
-    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(port)  # Ray and Serve as `diglett serve` runs them
     serve.run(build_app(), name="diglett", route_prefix="/")
     # Let the warm pool fill, as on a server that has been up for a while.
     pool = Settings.from_env().session_pool

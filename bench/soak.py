@@ -208,13 +208,10 @@ def main() -> None:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.serve_env import start_local_serve
 
     port = free_port()
-    from serve_app.serve_env import apply_serve_env
-
-    apply_serve_env()  # as `diglett serve`: HAProxy ingress, throughput mode
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(port, num_cpus=args.num_cpus)  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
     node = ray._private.worker._global_node
     url = f"ws://127.0.0.1:{port}/v1/stream"

@@ -45,3 +45,15 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> None:
     """Set SERVE_ENV's variables in `environ` where they are not set yet."""
     for key, value in SERVE_ENV.items():
         environ.setdefault(key, value)
+
+
+def start_local_serve(port: int, **init_kwargs) -> None:
+    """Start a local Ray instance, and Serve on 127.0.0.1:`port`, on the data
+    path `diglett serve` runs (for tests and benchmarks). `init_kwargs` go
+    to `ray.init` (num_cpus, object_store_memory, address...)."""
+    import ray
+    from ray import serve
+
+    apply_serve_env()
+    ray.init(**{"include_dashboard": False, "log_to_driver": False, **init_kwargs})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})

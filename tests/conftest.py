@@ -96,17 +96,10 @@ def server():
     import ray
     from ray import serve
 
-    from serve_app.serve_env import apply_serve_env
+    from serve_app.serve_env import start_local_serve
 
-    apply_serve_env()  # the data path `diglett serve` runs: HAProxy, throughput mode
     port = _free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=400 * 2**20,
-        log_to_driver=False,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_local_serve(port, num_cpus=2, object_store_memory=400 * 2**20)
     from serve_app.app import build_app
 
     t0 = time.monotonic()
