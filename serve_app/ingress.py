@@ -452,41 +452,40 @@ class Ingress:
             self._pool_task = asyncio.get_running_loop().create_task(self._keep_pool())
 
     async def _keep_pool(self) -> None:
-        """Fill the pool, and keep its actors alive with keep-alives, also
-        while it fills: a pooled actor untouched for 3 x KEEPALIVE_S ends,
-        and filling a pool of 100 on a busy node takes longer than that (46
-        of 100 were found dead so)."""
-        warmed = time.monotonic()
+        """Keep the pool full, and its actors alive (`_keep_warm`)."""
+        warm = asyncio.get_running_loop().create_task(self._keep_warm())
+        try:
+            while True:
+                while len(self._pool) < self.settings.session_pool:
+                    # Not during a burst of new sessions: starting a worker
+                    # costs ~0.5 s of CPU, which the burst's own sessions need.
+                    while time.monotonic() - self._last_open < POOL_QUIET_S:
+                        await asyncio.sleep(POOL_QUIET_S / 4)
+                    sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
+                    actor = self._spawn(sid, token)
+                    try:
+                        await asyncio.wait_for(
+                            _await(actor.warm.remote()), SESSION_START_TIMEOUT_S
+                        )
+                    except Exception as exc:  # no room now: retry later
+                        logger.warning("could not start a pooled session: %r", exc)
+                        ray.kill(actor, no_restart=True)
+                        break
+                    self._pool.append((actor, sid, token))
+                await asyncio.sleep(KEEPALIVE_S)
+        finally:
+            warm.cancel()
 
-        async def warm_when_due() -> None:
-            nonlocal warmed
-            if time.monotonic() - warmed >= KEEPALIVE_S:
-                dead = await _dead_after_warm(list(self._pool))
-                # Sessions may have taken pooled actors meanwhile.
-                self._pool = [e for e in self._pool if all(e is not d for d in dead)]
-                warmed = time.monotonic()
-
+    async def _keep_warm(self) -> None:
+        """Touch the pooled actors every KEEPALIVE_S, also while the pool
+        fills (a pooled actor untouched for 3 x KEEPALIVE_S ends, and filling
+        a pool of 100 on a busy node took longer: 46 of 100 were found dead),
+        and drop the dead ones."""
         while True:
-            while len(self._pool) < self.settings.session_pool:
-                # Not during a burst of new sessions: starting a worker costs
-                # ~0.5 s of CPU, which the burst's own sessions need.
-                while time.monotonic() - self._last_open < POOL_QUIET_S:
-                    await warm_when_due()
-                    await asyncio.sleep(POOL_QUIET_S / 4)
-                await warm_when_due()
-                sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
-                actor = self._spawn(sid, token)
-                try:
-                    await asyncio.wait_for(
-                        _await(actor.warm.remote()), SESSION_START_TIMEOUT_S
-                    )
-                except Exception as exc:  # no room now: retry later
-                    logger.warning("could not start a pooled session: %r", exc)
-                    ray.kill(actor, no_restart=True)
-                    break
-                self._pool.append((actor, sid, token))
-            await asyncio.sleep(max(0.0, KEEPALIVE_S - (time.monotonic() - warmed)))
-            await warm_when_due()
+            await asyncio.sleep(KEEPALIVE_S)
+            dead = await _dead_after_warm(list(self._pool))
+            # Sessions may have taken pooled actors meanwhile.
+            self._pool = [e for e in self._pool if all(e is not d for d in dead)]
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: end the idle sessions."""
