@@ -32,6 +32,7 @@ logger = logging.getLogger("diglett.session")
 
 NAMESPACE = "diglett"
 KEEPALIVE_S = 15.0  # the ingress touches an attached session this often
+FIRST_CONN = 1  # the generation of a session's first connection
 EMBED_ATTEMPTS = 2
 # An embedding call that takes longer is abandoned (a replica that died is
 # being replaced, which takes its model load): the client gets `internal`
@@ -73,16 +74,20 @@ class SessionActor:
         self._token = resume_token
         self._conn = 0  # generation of the latest connection; 0 = none yet
         self._attached = False
-        self._pooled = False
         self._last_seen = time.monotonic()
         self._watchdog: asyncio.Task | None = None
 
-    async def warm(self) -> None:
-        """Started into an ingress's warm pool: the pool's keep-alive holds
-        it like an attached session's (not the shorter TTL); if that ingress
-        goes away, it ends."""
-        self._pooled = True
+    async def warm(self) -> int:
+        """Started into an ingress's warm pool: attached at once to the
+        connection that will take it (generation FIRST_CONN), so that the
+        session which takes it from the pool starts without a call, and held
+        by the pool's keep-alive like an attached session (not the shorter
+        TTL); if that ingress goes away, it ends. Repeated calls change
+        nothing once a connection is attached."""
+        if not self._conn:
+            self._conn, self._attached = FIRST_CONN, True
         self._touch()
+        return self._conn
 
     async def attach(self, resume_token: str | None = None) -> int:
         """Attach a connection; returns its generation, or 0 if refused.
@@ -98,7 +103,6 @@ class SessionActor:
             self.engine.reattach()
         self._conn += 1
         self._attached = True
-        self._pooled = False
         self._touch()
         return self._conn
 
@@ -232,8 +236,7 @@ class SessionActor:
         while True:
             await asyncio.sleep(1.0)
             idle = time.monotonic() - self._last_seen
-            held = self._attached or self._pooled
-            limit = 3 * KEEPALIVE_S if held else self.settings.session_ttl_s
+            limit = 3 * KEEPALIVE_S if self._attached else self.settings.session_ttl_s
             if idle > limit:
                 logger.info("session %s expired after %.0f s", self.session_id, idle)
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

@@ -29,6 +29,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from actors.session_actor import (
     EMBED_TIMEOUT_S,
     ENROLL_TIMEOUT_S,
+    FIRST_CONN,
     KEEPALIVE_S,
     NAMESPACE,
     SessionActor,
@@ -55,7 +56,6 @@ BACKLOG_BYTES = 8 * 2**20
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
 SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
 POOL_QUIET_S = 2.0  # the pool refills once no session opened for this long
-POOLED_ATTACH_S = 5.0  # a warm actor answers at once; else its node is gone
 
 app = FastAPI(
     title="Diglett",
@@ -392,9 +392,11 @@ class Ingress:
         return origin.strip().rstrip("/").lower() in allowed
 
     async def _open_session(self, ws: WebSocket):
-        """Create or resume the session; returns (actor, conn, id, resume token)."""
+        """Create or resume the session; returns (actor, conn, id, resume
+        token, resumed)."""
         sid = ws.query_params.get("session")
-        if sid is not None:
+        resumed = sid is not None
+        if resumed:
             token = ws.query_params.get("resume_token", "")
             try:
                 actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
@@ -415,35 +417,39 @@ class Ingress:
         ready = {"type": "ready", **self.settings.info()}
         ready.update(session_id=sid, resume_token=token)
         await ws.send_text(json.dumps(ready))
-        metrics.session_opened(resumed=conn > 1)
+        metrics.session_opened(resumed=resumed)
         logger.info(
             "session %s attached (connection %d)", sid, conn, extra={"session_id": sid}
         )
-        return actor, conn, sid, token
+        return actor, conn, sid, token, resumed
 
     async def _new_session(self):
-        """A warm pooled SessionActor, attached; or a new one if the pool is
-        empty or its actor died. Returns (actor, conn, id, token) or None."""
+        """A warm pooled SessionActor, or a new one if the pool is empty.
+        Returns (actor, conn, id, token) or None.
+
+        A pooled actor was attached when it was warmed (`SessionActor.warm`),
+        so `ready` goes out with no call on its way: in a burst, every call
+        waits behind all the others' for two busy cores. The pool's keep-alive
+        drops actors that died; one that dies after its last keep-alive fails
+        its session's first call, which restores the session (`internal`,
+        then the client resumes), as for any session whose actor dies.
+        """
         self._last_open = time.monotonic()
         self._fill_pool()
-        while True:
-            pooled = bool(self._pool)
-            if pooled:
-                actor, sid, token = self._pool.pop(0)
-            else:
-                sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
-                actor = self._spawn(sid, token)
-            try:
-                conn = await asyncio.wait_for(
-                    _await(actor.attach.remote()),
-                    POOLED_ATTACH_S if pooled else SESSION_START_TIMEOUT_S,
-                )
-                return actor, conn, sid, token
-            except Exception as exc:
-                logger.error("could not start a SessionActor: %r", exc)
-                ray.kill(actor, no_restart=True)
-                if not pooled:
-                    return None
+        if self._pool:
+            actor, sid, token = self._pool.pop(0)
+            return actor, FIRST_CONN, sid, token
+        sid, token = secrets.token_hex(16), secrets.token_urlsafe(32)
+        actor = self._spawn(sid, token)
+        try:
+            conn = await asyncio.wait_for(
+                _await(actor.attach.remote()), SESSION_START_TIMEOUT_S
+            )
+            return actor, conn, sid, token
+        except Exception as exc:
+            logger.error("could not start a SessionActor: %r", exc)
+            ray.kill(actor, no_restart=True)
+            return None
 
     def _fill_pool(self) -> None:
         """Start refilling the warm pool in the background (one at a time:
@@ -554,7 +560,7 @@ class Ingress:
         )
 
     async def _pump(
-        self, ws: WebSocket, actor, conn: int, sid: str, token: str
+        self, ws: WebSocket, actor, conn: int, sid: str, token: str, resumed: bool
     ) -> None:
         inbox = _Inbox(BACKLOG_BYTES)
         queue = inbox.queue
@@ -573,7 +579,8 @@ class Ingress:
         rule = HoldRule()
         try:
             try:
-                enrolled = await actor.enrollments.remote()
+                if resumed:  # a new session has none yet: no call to ask
+                    enrolled = await actor.enrollments.remote()
             except Exception as exc:
                 await self._session_failed(ws, sid, token, enrolled, exc)
                 return

@@ -482,6 +482,66 @@ def test_new_session_comes_from_the_warm_pool(server):
     assert f"session-{sid}" in before
 
 
+def test_a_pooled_actor_that_died_fails_its_first_call_and_resumes(server, voices):
+    """`ready` comes from the pool with no call to the actor; if that actor
+    died since the pool's last keep-alive, the session's first call fails
+    with `internal`, the session is re-created, and the client resumes."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from actors.session_actor import NAMESPACE
+    from diglett.settings import Settings
+
+    def idle_sessions() -> set[str]:
+        return {
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith("session-")
+        }
+
+    pool = Settings.from_env().session_pool
+    for _ in range(2):  # the pool's keep-alive may drop the dead first: again
+        deadline = time.monotonic() + 90
+        while len(idle_sessions()) < pool and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
+        killed = idle_sessions()
+        actors = [ray.get_actor(n, namespace=NAMESPACE) for n in killed]
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        for a in actors:  # dead for sure before the next session opens
+            for _ in range(100):
+                try:
+                    ray.get(a.warm.remote(), timeout=30)
+                except RayActorError:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("ray.kill did not end a pooled actor in 10 s")
+        with open_ws(server) as ws:
+            ready = recv(ws)
+            if f"session-{ready['session_id']}" not in killed:
+                continue
+            ws.send(json.dumps({"type": "stream"}))
+            msgs, code = drain(ws)
+        break
+    else:
+        pytest.fail("every new session got a live actor: no dead one was pooled")
+    assert ready["type"] == "ready"
+    assert code == 1011 and msgs[-1]["code"] == "internal"
+    assert "resume_token" in msgs[-1]["message"]
+    q = f"session={ready['session_id']}&resume_token={ready['resume_token']}"
+    with open_ws(server, q) as ws:
+        again = recv(ws)
+        assert again["type"] == "ready" and again["session_id"] == ready["session_id"]
+        assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
+        ws.send(json.dumps({"type": "stream"}))
+        send_audio(ws, voices["a_test"][:16000])
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    assert code == 1000 and [m["type"] for m in msgs].count("label") == 2
+
+
 def test_cpu_replica_threads_and_int8(server):
     """Ray gives a 1-CPU actor OMP_NUM_THREADS=1; the CPU replica sets torch
     to all cores but one (DIGLETT_TORCH_THREADS=0), and it runs the int8
