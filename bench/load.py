@@ -206,11 +206,20 @@ def _cpu_by_pid() -> dict[int, tuple[str, float]]:
 
 def _cpu_by_role(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds per role between two `_cpu_by_pid` snapshots (a worker
-    that took up a role meanwhile counts under it; ended ones are missed)."""
+    that took up a role meanwhile counts under it)."""
     roles: dict[str, float] = {}
     for pid, (role, cpu) in after.items():
         roles[role] = roles.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
     return roles
+
+
+async def _track_cpu(seen: dict, every_s: float = 1.0) -> None:
+    """Keep `seen` ({pid: (role, CPU s)}) at each server process's latest
+    reading, so that processes which end before the step does (a session's
+    SessionActor ends with it) still count, less their last second."""
+    while True:
+        seen.update(_cpu_by_pid())
+        await asyncio.sleep(every_s)
 
 
 def _ray_memory_mb() -> float:
@@ -228,6 +237,8 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     psutil.cpu_percent(None)
     cpu0 = _cpu_by_pid()
     own0 = sum(psutil.Process().cpu_times()[:2])
+    seen = dict(cpu0)
+    tracker = asyncio.create_task(_track_cpu(seen))
     t0 = time.monotonic()
     results = await asyncio.gather(
         *[
@@ -237,7 +248,9 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     )
     wall = time.monotonic() - t0
     cpu = psutil.cpu_percent(None)
-    by_role = _cpu_by_role(cpu0, _cpu_by_pid())
+    tracker.cancel()
+    seen.update(_cpu_by_pid())
+    by_role = _cpu_by_role(cpu0, seen)
     server_cpu = sum(by_role.values())
     windows = max(1, sum(r.windows for r in results))
     lat = np.array([v for r in results for v in r.latency_ms] or [np.nan])
