@@ -63,6 +63,7 @@ def main() -> int:
 
     from actors.embed_batcher import EmbedBatcher
     from serve_app.embedding import EmbeddingDeployment
+    from serve_app.placement import model_worker_options
     from serve_app.serve_env import start_local_serve
 
     with socket.socket() as sock:
@@ -74,7 +75,11 @@ def main() -> int:
         num_replicas=args.replicas,
         autoscaling_config=None,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 1, "num_gpus": 1 / args.replicas if gpu else 0},
+        # Merged into the deployment's own options (the model worker's
+        # environment: its model thread at niceness 0), not replacing them.
+        ray_actor_options=model_worker_options(
+            {"num_cpus": 1, "num_gpus": 1 / args.replicas if gpu else 0}
+        ),
         user_config={"batch_size": args.batch_size, "batch_wait_s": args.batch_wait_s},
     )
     t0 = time.monotonic()
