@@ -285,6 +285,7 @@ class Ingress:
         # Started, idle SessionActors: (actor, session id, resume token).
         self._pool: list[tuple] = []
         self._pool_task: asyncio.Task | None = None
+        self._sweep: asyncio.Task | None = None  # an early `_drop_dead_pooled`
         self._last_open = 0.0  # when a new session last opened
         try:
             self._fill_pool()
@@ -430,9 +431,9 @@ class Ingress:
         A pooled actor was attached when it was warmed (`SessionActor.warm`),
         so `ready` goes out with no call on its way: in a burst, every call
         waits behind all the others' for two busy cores. The pool's keep-alive
-        drops actors that died; one that dies after its last keep-alive fails
-        its session's first call, which restores the session (`internal`,
-        then the client resumes), as for any session whose actor dies.
+        drops actors that died; if one dies after its last keep-alive, the
+        session's first call finds it dead and `_replace_unused` re-creates
+        it under the same id before anything but `ready` was sent.
         """
         self._last_open = time.monotonic()
         self._fill_pool()
@@ -489,9 +490,30 @@ class Ingress:
         and drop the dead ones."""
         while True:
             await asyncio.sleep(KEEPALIVE_S)
-            dead = await _dead_after_warm(list(self._pool))
-            # Sessions may have taken pooled actors meanwhile.
-            self._pool = [e for e in self._pool if all(e is not d for d in dead)]
+            await self._drop_dead_pooled()
+
+    async def _drop_dead_pooled(self) -> None:
+        dead = await _dead_after_warm(list(self._pool))
+        # Sessions may have taken pooled actors meanwhile.
+        self._pool = [e for e in self._pool if all(e is not d for d in dead)]
+
+    async def _replace_unused(self, sid: str, token: str):
+        """A new session's pooled actor died (after the pool's last
+        keep-alive) before the session's first call: the same session,
+        re-created and attached, so that the client never notices; and the
+        pool's other dead actors dropped now (a lost node takes several).
+        Returns (actor, conn), or None."""
+        self._sweep = asyncio.get_running_loop().create_task(self._drop_dead_pooled())
+        actor = await self._restore(sid, token, {})
+        if actor is None:
+            return None
+        try:
+            conn = await asyncio.wait_for(
+                _await(actor.attach.remote()), SESSION_START_TIMEOUT_S
+            )
+        except Exception:
+            return None
+        return actor, conn
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: end the idle sessions."""
@@ -510,10 +532,11 @@ class Ingress:
             **session_actor_options(self.settings),
         ).remote(self.settings, self.embedding, sid, token)
 
-    async def _restore(self, sid: str, token: str, enrollments: dict) -> None:
+    async def _restore(self, sid: str, token: str, enrollments: dict):
         """Re-create a session whose actor died, with its enrollments, detached.
 
         The client got `internal`; its resume then finds the session again.
+        Returns the new actor, or None.
         """
         # The dead actor's name is freed asynchronously, and the new actor
         # may find no room (e.g. every `diglett_session` slot taken): bounded
@@ -529,13 +552,14 @@ class Ingress:
                     max(0.1, deadline - time.monotonic()),
                 )
                 logger.info("session %s restored after its actor died", sid)
-                return
+                return actor
             except Exception as exc:
                 last = exc
                 if isinstance(exc, asyncio.TimeoutError) and actor is not None:
                     ray.kill(actor, no_restart=True)
                 await asyncio.sleep(0.25)
         logger.error("session %s could not be restored: %r", sid, last)
+        return None
 
     async def _session_failed(
         self,
@@ -573,6 +597,9 @@ class Ingress:
         # A copy of the enrollments (embeddings only), to restore the session
         # should its actor's process die.
         enrolled: dict = {}
+        # A new session whose actor has answered nothing yet (a pooled actor
+        # may have died since the pool's last keep-alive).
+        fresh = not resumed
         # Audio frames held back until the session can answer something new
         # (diglett/holdback.py): one actor call per hop, not one per frame.
         held: list = []
@@ -620,9 +647,28 @@ class Ingress:
                     held = frames
                     continue
                 try:
-                    answer = await _answer(
-                        actor.handle.remote(conn, frames), inbox, _call_timeout(frames)
-                    )
+                    try:
+                        answer = await _answer(
+                            actor.handle.remote(conn, frames),
+                            inbox,
+                            _call_timeout(frames),
+                        )
+                    except ray.exceptions.RayActorError:
+                        # Nothing but `ready` was sent yet: start it afresh.
+                        replaced = (
+                            await self._replace_unused(sid, token) if fresh else None
+                        )
+                        if replaced is None:
+                            raise
+                        actor, conn = replaced
+                        keepalive.cancel()
+                        keepalive = asyncio.create_task(_keepalive(actor, conn, inbox))
+                        answer = await _answer(
+                            actor.handle.remote(conn, frames),
+                            inbox,
+                            _call_timeout(frames),
+                        )
+                    fresh = False
                     if answer is None:
                         ended = True
                         await _overloaded(ws)
