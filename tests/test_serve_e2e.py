@@ -459,27 +459,34 @@ def test_backlog_past_the_bound_is_overloaded(server, voices):
     assert "real time" in msgs[-1]["message"]
 
 
-def test_new_session_comes_from_the_warm_pool(server):
-    """A new connection gets an already started SessionActor (no worker
-    start-up on the path to `ready`), and the pool refills."""
+def full_pool(pool: int) -> set[str]:
+    """The names of the live SessionActors, once there are `pool` of them
+    (or after 90 s): with no session open, the warm pool."""
     import ray
 
     from actors.session_actor import NAMESPACE
-    from diglett.settings import Settings
 
-    def idle_sessions() -> set[str]:
+    def names() -> set[str]:
         return {
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == NAMESPACE and a["name"].startswith("session-")
         }
 
-    pool = Settings.from_env().session_pool
     deadline = time.monotonic() + 90
-    while len(idle_sessions()) < pool and time.monotonic() < deadline:
+    while len(names()) < pool and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)  # the last one listed may still be starting
-    before = idle_sessions()
+    return names()
+
+
+def test_new_session_comes_from_the_warm_pool(server):
+    """A new connection gets an already started SessionActor (no worker
+    start-up on the path to `ready`), and the pool refills."""
+    from diglett.settings import Settings
+
+    pool = Settings.from_env().session_pool
+    before = full_pool(pool)
     assert len(before) >= pool
     with open_ws(server) as ws:
         sid = recv(ws)["session_id"]
@@ -497,20 +504,9 @@ def test_a_pooled_actor_that_died_is_replaced_unnoticed(server, voices):
     from actors.session_actor import NAMESPACE
     from diglett.settings import Settings
 
-    def idle_sessions() -> set[str]:
-        return {
-            a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == NAMESPACE and a["name"].startswith("session-")
-        }
-
     pool = Settings.from_env().session_pool
     for _ in range(2):  # the pool's keep-alive may drop the dead first: again
-        deadline = time.monotonic() + 90
-        while len(idle_sessions()) < pool and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(1.0)
-        killed = idle_sessions()
+        killed = full_pool(pool)
         actors = [ray.get_actor(n, namespace=NAMESPACE) for n in killed]
         for a in actors:
             ray.kill(a, no_restart=True)
