@@ -222,6 +222,13 @@ async def _answer(ref, inbox: _Inbox, timeout: float):
     raise asyncio.TimeoutError
 
 
+async def _handle(actor, conn: int, frames: list, inbox: _Inbox):
+    """`SessionActor.handle` on `frames`, through `_answer`."""
+    return await _answer(
+        actor.handle.remote(conn, frames), inbox, _call_timeout(frames)
+    )
+
+
 async def _overloaded(ws: WebSocket) -> None:
     await _fatal(
         ws,
@@ -648,11 +655,7 @@ class Ingress:
                     continue
                 try:
                     try:
-                        answer = await _answer(
-                            actor.handle.remote(conn, frames),
-                            inbox,
-                            _call_timeout(frames),
-                        )
+                        answer = await _handle(actor, conn, frames, inbox)
                     except ray.exceptions.RayActorError:
                         # Nothing but `ready` was sent yet: start it afresh.
                         replaced = (
@@ -663,11 +666,7 @@ class Ingress:
                         actor, conn = replaced
                         keepalive.cancel()
                         keepalive = asyncio.create_task(_keepalive(actor, conn, inbox))
-                        answer = await _answer(
-                            actor.handle.remote(conn, frames),
-                            inbox,
-                            _call_timeout(frames),
-                        )
+                        answer = await _handle(actor, conn, frames, inbox)
                     fresh = False
                     if answer is None:
                         ended = True
