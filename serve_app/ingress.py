@@ -38,7 +38,7 @@ from actors.session_actor import (
 from diglett import __version__, levels
 from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
-from diglett.holdback import HoldRule, can_hold
+from diglett.holdback import HoldRule, StreamPace, can_hold, send_by
 from diglett.priority import lower_cpu_priority
 from diglett.protocol import CLOSE_CODES, error
 from diglett.settings import Settings
@@ -178,6 +178,9 @@ class _ActorLost:
 
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
+
+
+_DUE = object()  # in place of a frame: the held frames' time is up
 
 
 async def _keepalive(actor, conn: int, inbox: "_Inbox") -> None:
@@ -611,6 +614,10 @@ class Ingress:
         # (diglett/holdback.py): one actor call per hop, not one per frame.
         held: list = []
         rule = HoldRule()
+        # A stream well ahead of real time is answered once per hop of wall
+        # time, with every frame that came meanwhile (diglett/holdback.py).
+        pace = StreamPace()
+        due: float | None = None  # when `held` must go, if held for pace
         try:
             try:
                 if resumed:  # a new session has none yet: no call to ask
@@ -620,16 +627,25 @@ class Ingress:
                 return
             eof = False
             while not eof:
+                wait, for_due = idle_s, False
+                if due is not None:
+                    left = max(0.0, due - time.monotonic())
+                    if idle_s is None or left < idle_s:
+                        wait, for_due = left, True
                 try:
-                    item = await asyncio.wait_for(queue.get(), idle_s)
+                    item = await asyncio.wait_for(queue.get(), wait)
                 except asyncio.TimeoutError:
-                    ended = True
-                    await _fatal(
-                        ws,
-                        "session_expired",
-                        f"no frame for {idle_s:g} s (idle timeout); the session ended",
-                    )
-                    return
+                    # (asyncio may wake a little before `due`)
+                    if not for_due:
+                        ended = True
+                        await _fatal(
+                            ws,
+                            "session_expired",
+                            f"no frame for {idle_s:g} s (idle timeout); "
+                            "the session ended",
+                        )
+                        return
+                    item = _DUE
                 if inbox.overflow:
                     ended = True
                     await _overloaded(ws)
@@ -637,22 +653,35 @@ class Ingress:
                 if isinstance(item, _ActorLost):
                     await self._session_failed(ws, sid, token, enrolled, item.exc)
                     return
-                frames, held = held, []
+                new: list = []
                 if item is None:
                     eof = True
-                else:
-                    frames.append(item)
-                while len(frames) < BATCH_FRAMES and not eof and not queue.empty():
+                elif item is not _DUE:
+                    new.append(item)
+                while (
+                    len(held) + len(new) < BATCH_FRAMES
+                    and not eof
+                    and not queue.empty()
+                ):
                     nxt = queue.get_nowait()
                     if nxt is None:
                         eof = True
                     elif not isinstance(nxt, _ActorLost):  # its frames fail anyway
-                        frames.append(nxt)
+                        new.append(nxt)
+                pace.add(new, rule.fmt)
+                prior, held = held, []
+                frames = prior + new
                 if not frames:
                     break
-                if not eof and len(frames) < BATCH_FRAMES and can_hold(frames, rule):
-                    held = frames
-                    continue
+                if not eof and len(frames) < BATCH_FRAMES and item is not _DUE:
+                    if can_hold(frames, rule):
+                        held, due = frames, None
+                        continue
+                    due = send_by(prior, new, rule, pace)
+                    if due is not None and time.monotonic() < due:
+                        held = frames
+                        continue
+                due = None
                 try:
                     try:
                         answer = await _handle(actor, conn, frames, inbox)

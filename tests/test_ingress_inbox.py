@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import uvloop
 
 from serve_app.ingress import _answer, _Inbox, _read_frames
 
@@ -122,3 +124,107 @@ def test_the_pool_is_warmed_at_once_and_loses_its_dead():
     assert active["most"] == 3  # all at once, not one after another
     assert dead == [pool[1]]
     assert all(a.calls == 1 for a, _, _ in pool)
+
+
+# ----------------------------------------------------- the pump's hold-back
+class _PacedSocket:
+    """Binary frames of `frame_s` of 16 kHz s16 audio, one every `gap_s`,
+    then a disconnect; `sent` collects what the pump sends back."""
+
+    def __init__(self, n: int, frame_s: float, gap_s: float) -> None:
+        self.left, self.gap = n, gap_s
+        self.frame = b"\0" * (int(frame_s * 16000) * 2)
+        self.sent: list[str] = []
+        self.client_state = self.application_state = None
+
+    async def receive(self) -> dict:
+        if self.left == 0:
+            await asyncio.sleep(0.05)
+            return {"type": "websocket.disconnect", "code": 1000}
+        await asyncio.sleep(self.gap)
+        self.left -= 1
+        return {"type": "websocket.receive", "bytes": self.frame}
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+
+class _StreamingActor:
+    """A SessionActor stand-in that is always streaming 16 kHz s16: it asks
+    for the rest of the next 0.5 s hop, answers at once, and records each
+    call's frames with the time the call was made."""
+
+    HOP_BYTES = 8000 * 2
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, list]] = []
+        self.bytes = 0
+        self.handle, self.detach, self.touch = self, self._Noop(), self._Noop()
+
+    class _Noop:
+        def remote(self, *args):
+            async def nothing():
+                return True
+
+            return nothing()
+
+    def remote(self, conn, frames):
+        from diglett.holdback import HoldRule
+
+        self.calls.append((time.monotonic(), frames))
+        self.bytes += sum(len(f[1]) for f in frames)
+        wanted = self.HOP_BYTES - self.bytes % self.HOP_BYTES
+
+        async def answer():
+            return [], None, HoldRule(wanted=wanted)
+
+        return answer()
+
+
+def _pump(ws, actor) -> None:
+    from types import SimpleNamespace
+
+    from diglett.settings import Settings
+    from serve_app.ingress import Ingress
+
+    async def failed(*args, **kwargs):
+        raise AssertionError(f"the session failed: {args}")
+
+    owner = SimpleNamespace(
+        settings=Settings(), _session_failed=failed, _replace_unused=failed
+    )
+    pump = Ingress.func_or_class._pump
+    # On the loop Serve's replicas run (its timers may wake ~1 ms early).
+    uvloop.run(pump(owner, ws, actor, 1, "sid", "token", False))
+
+
+def test_a_fast_stream_is_sent_once_per_hop_of_wall_time(monkeypatch):
+    """1 s frames at 50x real time: once the pace shows a fast stream, the
+    frames of each 0.5 s of wall time go in one call, not one call each.
+    Timers that wake a little early (uvloop's, under load) must not pass
+    for the idle timeout."""
+    wait_for = asyncio.wait_for
+
+    async def early(aw, timeout):
+        return await wait_for(aw, None if timeout is None else timeout * 0.9)
+
+    monkeypatch.setattr(asyncio, "wait_for", early)
+    ws, actor = _PacedSocket(n=60, frame_s=1.0, gap_s=0.02), _StreamingActor()
+    _pump(ws, actor)
+    sizes = [len(frames) for _, frames in actor.calls]
+    assert sum(sizes) == 60 and ws.sent == []  # no error
+    assert len(sizes) <= 10, sizes  # one call per frame without the hold
+    assert max(sizes) >= 15, sizes
+
+
+def test_a_real_time_stream_is_sent_as_each_hop_completes():
+    """20 ms frames in real time: one call per 0.5 s hop, made as soon as the
+    hop's last frame arrives (no added wait)."""
+    ws, actor = _PacedSocket(n=100, frame_s=0.02, gap_s=0.02), _StreamingActor()
+    _pump(ws, actor)
+    sizes = [len(frames) for _, frames in actor.calls]
+    # The first frame goes alone: the session's needs are known from its
+    # first answer on.
+    assert sizes == [1, 24, 25, 25, 25] and ws.sent == [], sizes
+    for called, frames in actor.calls:
+        assert called - frames[-1][2] < 0.1
