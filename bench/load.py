@@ -52,6 +52,8 @@ class SessionResult:
     windows: int = 0  # labels that needed an embedding
     labels: int = 0
     error: str = ""
+    stream_t: float = 0.0  # when its first stream frame was sent (monotonic)
+    last_label_t: float = 0.0
 
 
 _s16 = encode_s16
@@ -123,6 +125,7 @@ async def _session(
                     m = json.loads(raw)
                     if m["type"] == "label":
                         res.labels += 1
+                        res.last_label_t = time.monotonic()
                         res.windows += "scores" in m
                         t = sent_at.pop(m["seq"], None)
                         if m["start_s"] < WARMUP_S:
@@ -135,7 +138,7 @@ async def _session(
 
             task = asyncio.create_task(reader())
             chunk = 1600 if speed == 1.0 else 16000
-            t0 = time.monotonic()
+            t0 = res.stream_t = time.monotonic()
             i = 0
             while time.monotonic() - t0 < seconds:
                 if speed > 0:
@@ -232,6 +235,14 @@ def _ray_memory_mb() -> float:
     return total / 2**20
 
 
+def _stream_rate(results: list[SessionResult]) -> float:
+    streamed = [r for r in results if r.stream_t and r.last_label_t > r.stream_t]
+    if not streamed:
+        return 0.0
+    span = max(r.last_label_t for r in streamed) - min(r.stream_t for r in streamed)
+    return round(sum(r.windows for r in streamed) / span, 1)
+
+
 async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     speed = 0.0 if args.fast else args.speed
     psutil.cpu_percent(None)
@@ -267,6 +278,9 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         "labels": sum(r.labels for r in results),
         "windows_per_s": round(sum(r.windows for r in results) / wall, 1),
         "labels_per_s": round(sum(r.labels for r in results) / wall, 1),
+        # While streaming: from the first stream frame sent to the last label
+        # received (all sessions), so enrollment and start-up do not count.
+        "stream_windows_per_s": _stream_rate(results),
         "latency_p50": round(float(np.nanpercentile(lat, 50)), 1),
         "latency_p95": round(float(np.nanpercentile(lat, 95)), 1),
         "latency_p99": round(float(np.nanpercentile(lat, 99)), 1),
