@@ -68,7 +68,9 @@ class StreamPace:
     A leaky bucket: each binary frame adds its duration (in the session's
     format), `DRAIN` times the time between arrivals drains it, never below
     0. A real-time source stays within about a frame; a file sent at 50x
-    real time gains 48 s every second.
+    real time gains 48 s every second. A text frame (a control message)
+    starts it afresh: enrollment clips are sent at once, but say nothing of
+    the pace of the stream that follows them.
     """
 
     lead_s: float = 0.0
@@ -77,6 +79,7 @@ class StreamPace:
     def add(self, frames: list[Frame], fmt: InputFormat) -> None:
         for is_text, payload, t in frames:
             if is_text:
+                self.lead_s, self.last_t = 0.0, t
                 continue
             if self.last_t is not None:
                 self.lead_s = max(0.0, self.lead_s - DRAIN * max(0.0, t - self.last_t))

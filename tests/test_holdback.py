@@ -25,11 +25,11 @@ def _frame(seconds: float, t: float, fmt: InputFormat = S16):
     return (False, b"\0" * n, t)
 
 
-def _paced(seconds_per_frame: float, speed: float, total_s: float, fmt=S16):
-    """Frames of `seconds_per_frame` arriving at `speed` x real time."""
+def _paced(seconds_per_frame: float, speed: float, total_s: float, fmt=S16, t0=100.0):
+    """Frames of `seconds_per_frame` arriving at `speed` x real time from `t0`."""
     n = int(total_s / seconds_per_frame)
     gap = seconds_per_frame / speed
-    return [_frame(seconds_per_frame, 100.0 + i * gap, fmt) for i in range(n)]
+    return [_frame(seconds_per_frame, t0 + i * gap, fmt) for i in range(n)]
 
 
 @pytest.mark.parametrize("frame_s", [0.02, 0.1, 1.0])
@@ -74,10 +74,16 @@ def test_catching_up_after_a_stall_is_fast_only_as_long_as_the_stall():
     assert not pace.fast
 
 
-def test_text_frames_do_not_move_the_pace():
+def test_a_control_message_starts_the_pace_afresh():
+    """Enrollment clips go at once; the real-time stream after them is not fast."""
     pace = StreamPace()
-    pace.add([(True, '{"type": "stream"}', 1.0)] * 10, S16)
-    assert pace.lead_s == 0.0 and pace.last_t is None
+    pace.add([_frame(0.5, 1.0) for _ in range(20)], S16)  # two 5 s clips
+    assert pace.fast
+    pace.add([(True, '{"type": "stream"}', 1.1)], S16)
+    assert pace.lead_s == 0.0
+    for f in _paced(0.1, 1.0, 10.0, t0=1.1):
+        pace.add([f], S16)
+        assert not pace.fast
 
 
 def _fast() -> StreamPace:
