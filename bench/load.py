@@ -54,6 +54,8 @@ class SessionResult:
     error: str = ""
     stream_t: float = 0.0  # when its first stream frame was sent (monotonic)
     last_label_t: float = 0.0
+    # (receive time, lag ms or None) of each label that needed an embedding
+    window_times: list[tuple[float, float | None]] = field(default_factory=list)
 
 
 _s16 = encode_s16
@@ -98,10 +100,10 @@ async def _session(
     start: int,
     seconds: float,
     speed: float,
+    res: SessionResult,
 ) -> SessionResult:
     import websockets
 
-    res = SessionResult()
     sent_at: dict[int, float] = {}  # hop seq -> when its last sample was sent
     try:
         async with websockets.connect(
@@ -124,10 +126,13 @@ async def _session(
                 async for raw in ws:
                     m = json.loads(raw)
                     if m["type"] == "label":
+                        now = res.last_label_t = time.monotonic()
                         res.labels += 1
-                        res.last_label_t = time.monotonic()
                         res.windows += "scores" in m
                         t = sent_at.pop(m["seq"], None)
+                        if "scores" in m:
+                            lag = (now - t) * 1e3 if t is not None else None
+                            res.window_times.append((now, lag))
                         if m["start_s"] < WARMUP_S:
                             continue  # all sessions enrolled at once just now
                         res.latency_ms.append(m["latency_ms"])
@@ -235,6 +240,50 @@ def _ray_memory_mb() -> float:
     return total / 2**20
 
 
+async def _steady(
+    results: list[SessionResult], step_s: float, settle_s: float = 3.0
+) -> dict:
+    """The step's steady state: the server's CPU and the windows labelled
+    while every session streams (from `settle_s` after the last one started
+    to just before the first one stops), so that session start-up,
+    enrollment and the final drain do not count; and the lag p95 of its
+    first and second half (a backlog that grows shows as a rising lag)."""
+    for _ in range(600):  # sessions that failed never stream
+        if all(r.stream_t or r.error for r in results):
+            break
+        await asyncio.sleep(0.1)
+    started = [r.stream_t for r in results if r.stream_t]
+    if not started:
+        return {}
+    t_a, t_b = max(started) + settle_s, min(started) + step_s - 0.5
+    if t_b - t_a < 5.0:
+        return {}
+    await asyncio.sleep(t_a - time.monotonic())
+    cpu_a = _cpu_by_pid()
+    await asyncio.sleep(t_b - time.monotonic())
+    cpu_b = _cpu_by_pid()
+    by_role = _cpu_by_role(cpu_a, cpu_b)  # a process started meanwhile counts whole
+    seen = [(t, lag) for r in results for t, lag in r.window_times if t_a <= t < t_b]
+    mid = (t_a + t_b) / 2
+
+    def p95(lags: list) -> float:
+        return round(float(np.percentile(lags, 95)), 1) if lags else float("nan")
+
+    return {
+        "seconds": round(t_b - t_a, 1),
+        "windows_per_s": round(len(seen) / (t_b - t_a), 1),
+        "server_cpu_ms_per_window": round(
+            sum(by_role.values()) * 1e3 / max(1, len(seen)), 3
+        ),
+        "cpu_ms_per_window_by_role": {
+            k: round(v * 1e3 / max(1, len(seen)), 3)
+            for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])
+        },
+        "lag_p95_first_half": p95([g for t, g in seen if t < mid and g is not None]),
+        "lag_p95_second_half": p95([g for t, g in seen if t >= mid and g is not None]),
+    }
+
+
 def _stream_rate(results: list[SessionResult]) -> float:
     streamed = [r for r in results if r.stream_t and r.last_label_t > r.stream_t]
     if not streamed:
@@ -251,10 +300,12 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     seen = dict(cpu0)
     tracker = asyncio.create_task(_track_cpu(seen))
     t0 = time.monotonic()
-    results = await asyncio.gather(
+    results = [SessionResult() for _ in range(n)]
+    steady = asyncio.create_task(_steady(results, args.step_s))
+    await asyncio.gather(
         *[
-            _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, speed)
-            for k in range(n)
+            _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, speed, r)
+            for k, r in enumerate(results)
         ]
     )
     wall = time.monotonic() - t0
@@ -281,6 +332,7 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         # While streaming: from the first stream frame sent to the last label
         # received (all sessions), so enrollment and start-up do not count.
         "stream_windows_per_s": _stream_rate(results),
+        "steady": await steady,
         "latency_p50": round(float(np.nanpercentile(lat, 50)), 1),
         "latency_p95": round(float(np.nanpercentile(lat, 95)), 1),
         "latency_p99": round(float(np.nanpercentile(lat, 99)), 1),
