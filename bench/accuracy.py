@@ -47,7 +47,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import urllib.request
@@ -71,12 +70,6 @@ CLASS_COLORS = {"A": "tab:blue", "B": "tab:orange", "noise": "tab:red"}
 
 
 # --------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: str) -> str:
     """serve.run the app on a new local Ray instance; returns its ws URL."""
     if model_dir:
@@ -86,8 +79,7 @@ def start_server(model_dir: str) -> str:
     from serve_app.app import build_app
     from serve_app.serve_env import start_local_serve
 
-    port = free_port()
-    start_local_serve(port, address="local")  # as `diglett serve` runs
+    port = start_local_serve(address="local")  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
     return f"ws://127.0.0.1:{port}/v1/stream"
 

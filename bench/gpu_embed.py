@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -66,10 +65,7 @@ def main() -> int:
     from serve_app.placement import model_worker_options
     from serve_app.serve_env import start_local_serve
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    start_local_serve(port)  # Ray and Serve as `diglett serve` runs them
+    start_local_serve()  # Ray and Serve as `diglett serve` runs them
     gpu = ray.cluster_resources().get("GPU", 0) >= 1
     dep = EmbeddingDeployment.options(
         num_replicas=args.replicas,

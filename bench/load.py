@@ -27,7 +27,6 @@ import asyncio
 import csv
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -387,10 +386,7 @@ def _start_local(args) -> str:
     from serve_app.app import build_app
     from serve_app.serve_env import start_local_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    start_local_serve(port)  # Ray and Serve as `diglett serve` runs them
+    port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     # As `diglett serve` does: one CPU embedding replica per machine without
     # a GPU (a second splits the same cores), one per GPU otherwise.
     gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -15,7 +15,6 @@ import asyncio
 import csv
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,12 +27,6 @@ from diglett.audio import encode_s16
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _utterances(folder: Path) -> dict[str, list[Path]]:
@@ -96,7 +89,7 @@ def main() -> int:
     from serve_app.serve_env import start_local_serve
 
     sys.path.insert(0, str(ROOT))
-    from actors.session_actor import NAMESPACE, actor_name
+    from actors.session_actor import NAMESPACE
     from serve_app.app import build_app
 
     u = _utterances(args.data)
@@ -107,8 +100,7 @@ def main() -> int:
     order = [turns[0], turns[2], turns[1], turns[3]]
     conv = np.concatenate(order)[: int(args.seconds * 16000)]
 
-    port = _free_port()
-    start_local_serve(port, num_cpus=2)  # as `diglett serve` runs
+    port = start_local_serve(num_cpus=2)  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
 
     @ray.remote(num_cpus=0)

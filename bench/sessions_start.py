@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -106,10 +105,7 @@ def main() -> int:
     from serve_app.app import build_app
     from serve_app.serve_env import start_local_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    start_local_serve(port)  # Ray and Serve as `diglett serve` runs them
+    port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     serve.run(build_app(), name="diglett", route_prefix="/")
     # Let the warm pool fill, as on a server that has been up for a while.
     pool = Settings.from_env().session_pool

@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -52,12 +51,6 @@ ROLES = [
     "raylet",
     "gcs_server",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def speech() -> dict[str, list[np.ndarray]]:
@@ -210,8 +203,7 @@ def main() -> None:
     from serve_app.app import build_app
     from serve_app.serve_env import start_local_serve
 
-    port = free_port()
-    start_local_serve(port, num_cpus=args.num_cpus)  # as `diglett serve` runs
+    port = start_local_serve(num_cpus=args.num_cpus)  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
     node = ray._private.worker._global_node
     url = f"ws://127.0.0.1:{port}/v1/stream"

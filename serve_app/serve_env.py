@@ -47,13 +47,20 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> None:
         environ.setdefault(key, value)
 
 
-def start_local_serve(port: int, **init_kwargs) -> None:
-    """Start a local Ray instance, and Serve on 127.0.0.1:`port`, on the data
-    path `diglett serve` runs (for tests and benchmarks). `init_kwargs` go
-    to `ray.init` (num_cpus, object_store_memory, address...)."""
+def start_local_serve(**init_kwargs) -> int:
+    """Start a local Ray instance, and Serve on a free port of 127.0.0.1, on
+    the data path `diglett serve` runs (for tests and benchmarks); returns
+    the port. `init_kwargs` go to `ray.init` (num_cpus, object_store_memory,
+    address...)."""
+    import socket
+
     import ray
     from ray import serve
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     apply_serve_env()
     ray.init(**{"include_dashboard": False, "log_to_driver": False, **init_kwargs})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -79,12 +78,6 @@ def load16(path: Path) -> np.ndarray:
 to_s16 = encode_s16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server():
     """The real Serve app on a local Ray instance; yields its base URLs."""
@@ -98,8 +91,7 @@ def server():
 
     from serve_app.serve_env import start_local_serve
 
-    port = _free_port()
-    start_local_serve(port, num_cpus=2, object_store_memory=400 * 2**20)
+    port = start_local_serve(num_cpus=2, object_store_memory=400 * 2**20)
     from serve_app.app import build_app
 
     t0 = time.monotonic()
