@@ -674,8 +674,10 @@ class Ingress:
                 if not frames:
                     break
                 if not eof and len(frames) < BATCH_FRAMES and item is not _DUE:
-                    if can_hold(frames, rule):
-                        held, due = frames, None
+                    # Held for pace (`due` set), the hop is already complete:
+                    # only the new frames need a look, in `send_by`.
+                    if due is None and can_hold(frames, rule):
+                        held = frames
                         continue
                     due = send_by(prior, new, rule, pace)
                     if due is not None and time.monotonic() < due:
