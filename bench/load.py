@@ -129,14 +129,14 @@ async def _session(
                         res.labels += 1
                         res.windows += "scores" in m
                         t = sent_at.pop(m["seq"], None)
+                        lag = (now - t) * 1e3 if t is not None else None
                         if "scores" in m:
-                            lag = (now - t) * 1e3 if t is not None else None
                             res.window_times.append((now, lag))
                         if m["start_s"] < WARMUP_S:
                             continue  # all sessions enrolled at once just now
                         res.latency_ms.append(m["latency_ms"])
-                        if t is not None:
-                            res.lag_ms.append((time.monotonic() - t) * 1e3)
+                        if lag is not None:
+                            res.lag_ms.append(lag)
                     elif m["type"] == "error":
                         res.error = m["code"]
 
