@@ -12,6 +12,11 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
+
+import actors
 from diglett.settings import Settings
 
 
@@ -20,7 +25,19 @@ def session_actor_options(settings: Settings) -> dict:
     opts: dict = {"scheduling_strategy": settings.session_strategy.upper()}
     if settings.session_resource:
         opts["resources"] = {settings.session_resource: 1}
+    if settings.session_fork and sys.platform == "linux":
+        opts["runtime_env"] = {"py_executable": fork_shim_command()}
     return opts
+
+
+def fork_shim_command() -> str:
+    """Ray's `py_executable` that has the node's fork server fork the worker.
+
+    The shim needs only the standard library (`-I -S`: ~4 MiB); the path is
+    this install's, the same on every node of an image-built cluster.
+    """
+    shim = os.path.join(os.path.dirname(actors.__file__), "fork_shim.py")
+    return shlex.join([sys.executable, "-I", "-S", shim])
 
 
 # Ray starts every worker process at niceness 15, behind its own RPC threads

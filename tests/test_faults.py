@@ -24,6 +24,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from actors.fork_server import with_forked_workers
+
 from conftest import API_TOKEN, load16, needs_model, needs_speakers, to_s16, utterances
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
@@ -71,7 +73,7 @@ def raylet_children(title: str) -> list[psutil.Process]:
     node = ray._private.worker._global_node
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
     out = []
-    for p in raylet.children(recursive=True):
+    for p in with_forked_workers([raylet, *raylet.children(recursive=True)]):
         try:
             if title in " ".join(p.cmdline()):
                 out.append(p)

@@ -9,16 +9,23 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from diglett import logging_setup
 from diglett.cli import render_config
 from diglett.settings import Settings
 from serve_app import metrics
-from serve_app.placement import embedding_actor_options, session_actor_options
+from serve_app.placement import (
+    embedding_actor_options,
+    fork_shim_command,
+    session_actor_options,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,9 +77,12 @@ def test_json_logs_carry_session_id_and_never_audio():
     assert n == 1
 
 
+FORKED = {"runtime_env": {"py_executable": fork_shim_command()}}
+
+
 def test_placement_defaults_spread_without_resources():
     s = Settings.from_env({})
-    assert session_actor_options(s) == {"scheduling_strategy": "SPREAD"}
+    assert session_actor_options(s) == {"scheduling_strategy": "SPREAD", **FORKED}
     assert embedding_actor_options({"num_cpus": 1}, s) == {
         "num_cpus": 1,
         "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
@@ -96,6 +106,7 @@ def test_placement_custom_resources():
     assert session_actor_options(s) == {
         "scheduling_strategy": "DEFAULT",
         "resources": {"diglett_session": 1},
+        **FORKED,
     }
     base = {"num_cpus": 1, "resources": {"other": 2}}
     assert embedding_actor_options(base, s) == {
@@ -104,6 +115,17 @@ def test_placement_custom_resources():
         "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
     }
     assert base == {"num_cpus": 1, "resources": {"other": 2}}  # not mutated
+
+
+def test_session_workers_are_forked_unless_turned_off():
+    """The shim runs on the interpreter this install runs on, stdlib only."""
+    command = shlex.split(fork_shim_command())
+    assert command[:3] == [sys.executable, "-I", "-S"]
+    assert Path(command[3]).is_file() and command[3].endswith("actors/fork_shim.py")
+    off = Settings.from_env({"DIGLETT_SESSION_FORK": "0"})
+    assert session_actor_options(off) == {"scheduling_strategy": "SPREAD"}
+    with pytest.raises(ValueError, match="DIGLETT_SESSION_FORK"):
+        Settings.from_env({"DIGLETT_SESSION_FORK": "2"})
 
 
 def test_rendered_configs_are_valid_serve_configs():

@@ -75,13 +75,17 @@ class Node:
     def kill(self) -> None:
         """SIGKILL the whole node at once, as a crashed machine: raylet,
         agents and its workers (which the raylet may start in process groups
-        of their own, and which outlive it for seconds if left alone)."""
+        of their own, and which outlive it for seconds if left alone), and
+        the fork server's workers, which are not the raylet's descendants."""
         import psutil
+
+        from actors.fork_server import with_forked_workers
 
         try:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             procs = []
+        procs = with_forked_workers(procs)  # its SessionActors too
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
