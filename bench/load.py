@@ -36,6 +36,7 @@ import numpy as np
 import psutil
 import soundfile as sf
 
+from actors.fork_server import with_forked_workers
 from diglett.audio import encode_s16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,8 +185,8 @@ def _server_procs() -> list[psutil.Process]:
     """The local server's processes: everything this process started (Ray's
     GCS, raylet, agents, workers), or, with `--url`, every Ray process."""
     procs = psutil.Process().children(recursive=True)
-    if procs:
-        return procs
+    if procs:  # and the SessionActors the fork server forked (not our descendants)
+        return with_forked_workers(procs)
     return [
         p
         for p in psutil.process_iter()

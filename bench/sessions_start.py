@@ -9,10 +9,15 @@ model), and reports:
   created or taken from the warm pool, and attached), p50/p95/max;
 - memory: the USS (private memory) of every SessionActor process after each
   session enrolled two speakers and streamed `--stream-s` seconds of real
-  speech, next to a bare Ray actor's USS on the same machine.
+  speech, next to a bare Ray actor's USS on the same machine. With the fork
+  server (`DIGLETT_SESSION_FORK=1`, the default) a session's private memory
+  is its worker's USS plus its shim's (`session_uss_mean_mib`); the fork
+  server itself is shared by all, and `pss_per_session_mib` counts it and
+  every shared page, split among the processes that map it.
 
     python bench/sessions_start.py --sessions 100
     python bench/sessions_start.py --sessions 100 --pool 0   # no warm pool
+    DIGLETT_SESSION_FORK=0 python bench/sessions_start.py    # Ray's own workers
 """
 
 from __future__ import annotations
@@ -67,13 +72,36 @@ async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hol
     return start_s, ""
 
 
-def _session_pids() -> list[int]:
+def _pids(match) -> list[int]:
     pids = []
     for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::SessionActor"):
+        if match(" ".join(p.info["cmdline"] or [])):
             pids.append(p.pid)
     return pids
+
+
+def _session_pids() -> list[int]:
+    return _pids(lambda cmd: cmd.startswith("ray::SessionActor"))
+
+
+def _shim_pids() -> list[int]:
+    """The processes Ray started for forked SessionActors (actors/fork_shim.py)."""
+    return _pids(lambda cmd: "fork_shim.py" in cmd)
+
+
+def _fork_server_pids() -> list[int]:
+    return _pids(lambda cmd: "actors.fork_server" in cmd)
+
+
+def _pss_mib(pids: list[int]) -> float:
+    """Proportional memory: each shared page split among the processes mapping it."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total / 2**20
 
 
 def _uss_mib(pids: list[int]) -> list[float]:
@@ -109,9 +137,11 @@ def main() -> int:
     serve.run(build_app(), name="diglett", route_prefix="/")
     # Let the warm pool fill, as on a server that has been up for a while.
     pool = Settings.from_env().session_pool
-    deadline = time.monotonic() + 300
+    filling = time.monotonic()
+    deadline = filling + 300
     while len(_session_pids()) < pool and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.5)
+    pool_fill_s = time.monotonic() - filling
     time.sleep(2.0)
 
     @ray.remote(num_cpus=0)
@@ -148,12 +178,20 @@ def main() -> int:
             if len(pids) >= args.sessions:
                 await asyncio.sleep(args.stream_s + 10.0)
                 break
-        uss = _uss_mib(_session_pids())
+        actors, shims, servers = _session_pids(), _shim_pids(), _fork_server_pids()
+        mem = {
+            "uss": _uss_mib(actors),
+            "shim_uss": _uss_mib(shims),
+            "server_uss": _uss_mib(servers),
+            # Everything the sessions cost, shared pages included, per session.
+            "pss_per_session": _pss_mib(actors + shims + servers) / max(1, len(actors)),
+        }
         hold.set()
-        return await asyncio.gather(*tasks), uss
+        return await asyncio.gather(*tasks), mem
 
     t0 = time.monotonic()
-    results, uss = asyncio.run(run())
+    results, mem = asyncio.run(run())
+    uss, shim_uss = mem["uss"], mem["shim_uss"]
     wall = time.monotonic() - t0
     start = np.array([s for s, _ in results])
     errors = sorted({e for _, e in results if e})
@@ -167,7 +205,20 @@ def main() -> int:
         "session_actors_measured": len(uss),
         "uss_mean_mib": round(float(np.mean(uss)), 1) if uss else None,
         "uss_p95_mib": round(float(np.percentile(uss, 95)), 1) if uss else None,
+        "shims_measured": len(shim_uss),
+        "shim_uss_mean_mib": round(float(np.mean(shim_uss)), 2) if shim_uss else 0.0,
+        "fork_server_uss_mib": [round(u, 1) for u in mem["server_uss"]],
+        # A session's own private memory: its worker, and its shim if forked.
+        "session_uss_mean_mib": (
+            round(
+                float(np.mean(uss)) + (float(np.mean(shim_uss)) if shim_uss else 0.0), 1
+            )
+            if uss
+            else None
+        ),
+        "pss_per_session_mib": round(mem["pss_per_session"], 1),
         "bare_actor_uss_mib": round(bare_uss, 1),
+        "pool_fill_s": round(pool_fill_s, 1),  # every pooled worker started
         "wall_s": round(wall, 1),
     }
     print(json.dumps(row))

@@ -37,6 +37,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actors.fork_server import with_forked_workers  # noqa: E402
 from diglett.audio import encode_s16  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -153,7 +154,7 @@ def memory(node) -> dict[str, dict[str, float]]:
     """RSS and USS (MiB) of this Ray instance's processes, summed by role."""
     raylet_pid = node.all_processes["raylet"][0].process.pid
     root = psutil.Process(raylet_pid)
-    procs = [root] + root.children(recursive=True)
+    procs = with_forked_workers([root] + root.children(recursive=True))
     for info in node.all_processes.get("gcs_server", []):
         procs.append(psutil.Process(info.process.pid))
     out: dict[str, dict[str, float]] = defaultdict(
