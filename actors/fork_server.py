@@ -1,7 +1,7 @@
 """One per raylet: forks SessionActor workers from a process that has imported them.
 
 A Ray worker is a fresh Python process that imports Ray (~700 modules),
-numpy and our code: ~57 MiB of private memory (USS) per session, most of it
+numpy and our code: ~59 MiB of private memory (USS) per session, most of it
 the same objects in every process. This server imports them once, then, for
 each `actors/fork_shim.py` that asks, forks a child that runs Ray's
 `default_worker.py` with the shim's argv, environment, working directory and
@@ -42,6 +42,7 @@ import traceback
 from actors.fork_shim import (
     FAILED_SUFFIX,
     MAX_REQUEST,
+    SERVER_SUFFIX,
     _INT,
     _LEN,
     decode_request,
@@ -381,7 +382,8 @@ def _log_to(path: str) -> None:
     """Send the server's own output to a file in Ray's session log folder."""
     session = os.path.dirname(os.path.dirname(path))
     logs = os.path.join(session, "logs")
-    name = f"diglett-fork-server-{os.path.basename(path)}.log"
+    raylet = os.path.basename(path).removesuffix(SERVER_SUFFIX)
+    name = f"diglett-fork-server-{raylet}.log"  # e.g. ...-raylet.log
     target = os.path.join(logs if os.path.isdir(logs) else session, name)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)

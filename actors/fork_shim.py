@@ -7,9 +7,9 @@ hands them to its node's fork server (`actors/fork_server.py`) and stays, as
 the process Ray started, until that worker ends:
 
 - the fork server forks the worker from a process that has already imported
-  Ray, numpy and the SessionActor, so the worker shares those pages instead of
-  importing them again (~25 MiB of private memory instead of ~57; README,
-  "Performance");
+  Ray, numpy and the session code, so the worker shares those pages instead
+  of importing them again (~34 MiB of private memory a session, this shim
+  included, instead of ~59; README, "Performance");
 - signals sent to this process are passed on to the worker, and if this
   process is killed the fork server kills the worker;
 - the exit status of the worker becomes this process's.
