@@ -391,23 +391,28 @@ def _log_to(path: str) -> None:
     os.close(fd)
 
 
+def start(path: str) -> ForkServer:
+    """Preload, check that forking is safe, listen; RuntimeError if it is not."""
+    script = preload()
+    threads = thread_count()
+    if threads != 1:
+        raise RuntimeError(f"{threads} threads after preload")
+    if not random_ids_diverge():
+        raise RuntimeError("forked children repeat Ray's random IDs")
+    return ForkServer(path, script, dict(os.environ))
+
+
 def main(argv: list[str]) -> int:
     path = argv[0]
     _log_to(path)
     started = time.monotonic()
-    script = preload()
-    threads = thread_count()
-    unsafe = ""
-    if threads != 1:
-        unsafe = f"{threads} threads after preload"
-    elif not random_ids_diverge():
-        unsafe = "forked children repeat Ray's random IDs"
-    if unsafe:  # fail closed: from now on the shims start ordinary workers
-        print(f"{unsafe}; not serving", file=sys.stderr)
-        with open(path + FAILED_SUFFIX, "w") as marker:
-            marker.write(unsafe + "\n")
+    try:
+        server = start(path)
+    except Exception as exc:  # fail closed: the shims start ordinary workers
+        print(f"not serving: {exc!r}", file=sys.stderr, flush=True)
+        with open(path + FAILED_SUFFIX, "w") as marker:  # so none retries
+            marker.write(f"{exc!r}\n")
         return 1
-    server = ForkServer(path, script, dict(os.environ))
     print(
         f"fork server pid {os.getpid()} ready in {time.monotonic() - started:.1f} s"
         f" at {path}",

@@ -137,6 +137,54 @@ def test_preloaded_server_is_single_threaded_and_its_children_draw_distinct_ids(
     assert out.split() == ["1", "True", "False"]
 
 
+# --- the shim and the server, without Ray ----------------------------------
+
+
+def _run_shim(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    """The shim asked for a worker that is not Ray's: it must run it itself."""
+    script = tmp_path / "not_ray.py"
+    script.write_text("import sys\nprint('ran', sys.argv[1:])\nsys.exit(7)\n")
+    shim = ROOT / "actors" / "fork_shim.py"
+    raylet = tmp_path / "sockets" / "raylet"
+    raylet.parent.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(shim), str(script), f"--raylet-name={raylet}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_shim_starts_a_server_and_runs_a_refused_worker_itself(tmp_path):
+    keeper = subprocess.Popen(["sleep", "300"])  # the "raylet" the server watches
+    try:
+        out = _run_shim(tmp_path, {**os.environ, "RAY_RAYLET_PID": str(keeper.pid)})
+        assert out.returncode == 7, out.stderr
+        assert "ran ['--raylet-name=" in out.stdout
+        sock = tmp_path / "sockets" / "raylet.diglett-fork"
+        assert sock.exists()  # the server it started is serving
+        log = (tmp_path / "diglett-fork-server-raylet.log").read_text()
+        assert "not forking: not Ray's default worker" in log
+    finally:
+        keeper.kill()
+        keeper.wait()
+    deadline = time.monotonic() + 10
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sock.exists()  # the server ends with its raylet
+
+
+def test_a_node_whose_server_failed_runs_ordinary_workers_at_once(tmp_path):
+    (tmp_path / "sockets").mkdir()
+    (tmp_path / "sockets" / "raylet.diglett-fork.failed").write_text("unsafe\n")
+    out = _run_shim(tmp_path, {**os.environ, "RAY_RAYLET_PID": str(os.getpid())})
+    assert out.returncode == 7 and "ran" in out.stdout
+    assert "refused to serve on this node" in out.stderr
+    assert not (tmp_path / "sockets" / "raylet.diglett-fork").exists()
+
+
 # --- real Ray workers, forked ---------------------------------------------
 
 
