@@ -330,6 +330,23 @@ def test_placement(cluster, speech):
         assert ingress_nodes == {"head"}
         # Sessions only where `diglett_session` is, spread over both such nodes.
         assert session_nodes == {"head", "sessions"}, session_nodes
+        # Each session's worker was forked by its own node's fork server.
+        import psutil
+        from ray.util.state import list_actors
+
+        pids = {
+            a.name: a.pid
+            for a in list_actors(address=cluster["dash"], limit=1000, detail=True)
+            if a.name and a.state == "ALIVE"
+        }
+        servers: dict[str, set[int]] = {}
+        for sid in sids:
+            parent = psutil.Process(pids[f"session-{sid}"]).parent()
+            assert "actors.fork_server" in " ".join(parent.cmdline())
+            node = node_of(placed, f"session-{sid}")
+            servers.setdefault(node, set()).add(parent.pid)
+        assert all(len(p) == 1 for p in servers.values()), servers
+        assert len(set.union(*servers.values())) == 2, servers
     finally:
         for ws in sockets:
             ws.close()
