@@ -132,8 +132,13 @@ def _start_server(path: str) -> socket.socket:
         if os.path.exists(path):
             os.unlink(path)  # a dead server's socket
         server = os.fork()
-        if server == 0:  # the server: detached, on the full interpreter
-            os.setsid()
+        if server == 0:  # the server: its own group, on the full interpreter
+            # A process group, not a session: Linux's autogroup scheduler
+            # shares the CPU fairly between sessions, so a session of its
+            # own would give all forked SessionActors together as much CPU
+            # as the whole rest of the node, model included, whatever their
+            # niceness.
+            os.setpgid(0, 0)
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)

@@ -227,14 +227,16 @@ def test_forked_workers_call_an_async_actor_concurrently(server):
             refs = [self.sink.put.remote(caller, i) for i in range(self.n)]
             return await asyncio.gather(*refs)
 
-        def where(self) -> tuple[int, str, str, str]:
+        def where(self) -> tuple[int, str, str, str, bool]:
             from ray._raylet import ObjectRef
 
+            raylet = int(os.environ["RAY_RAYLET_PID"])
             return (
                 os.getpid(),
                 ray.get_runtime_context().get_worker_id(),
                 os.environ.get("FORK_TEST", ""),
                 ObjectRef.from_random().hex(),  # Ray's C++ random engine
+                os.getsid(0) == os.getsid(raylet),  # the same CPU autogroup
             )
 
     sink = Sink.options(**_forked_options()).remote()
@@ -249,6 +251,7 @@ def test_forked_workers_call_an_async_actor_concurrently(server):
     assert [w[2] for w in where] == ["0", "1", "2", "3"]  # each its own env
     assert len({w[1] for w in where}) == 4
     assert len({w[3] for w in where}) == 4  # each its own random stream
+    assert all(w[4] for w in where)  # scheduled beside the rest of the node
     servers = {_fork_server_of(w[0]).pid for w in where}
     assert len(servers) == 1  # one per raylet
     for actor in [sink, *callers]:
