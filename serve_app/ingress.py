@@ -295,6 +295,9 @@ class Ingress:
         # Started, idle SessionActors: (actor, session id, resume token).
         self._pool: list[tuple] = []
         self._pool_task: asyncio.Task | None = None
+        # Set when a session takes a pooled actor: wakes the pool's keeper,
+        # which otherwise waits KEEPALIVE_S between rounds.
+        self._pool_wanted = asyncio.Event()
         self._sweep: asyncio.Task | None = None  # an early `_drop_dead_pooled`
         self._last_open = 0.0  # when a new session last opened
         try:
@@ -467,12 +470,15 @@ class Ingress:
         starting workers in parallel on a busy node only slows them all)."""
         if self._pool_task is None or self._pool_task.done():
             self._pool_task = asyncio.get_running_loop().create_task(self._keep_pool())
+        self._pool_wanted.set()
 
     async def _keep_pool(self) -> None:
         """Keep the pool full, and its actors alive (`_keep_warm`)."""
         warm = asyncio.get_running_loop().create_task(self._keep_warm())
         try:
             while True:
+                self._pool_wanted.clear()
+                failed = False
                 while len(self._pool) < self.settings.session_pool:
                     # Not during a burst of new sessions: starting a worker
                     # costs ~0.5 s of CPU, which the burst's own sessions need.
@@ -487,9 +493,20 @@ class Ingress:
                     except Exception as exc:  # no room now: retry later
                         logger.warning("could not start a pooled session: %r", exc)
                         ray.kill(actor, no_restart=True)
+                        failed = True
                         break
                     self._pool.append((actor, sid, token))
-                await asyncio.sleep(KEEPALIVE_S)
+                if failed:
+                    await asyncio.sleep(KEEPALIVE_S)
+                    continue
+                # Full: refill as soon as a session takes one (it used to
+                # wait out this round's KEEPALIVE_S, up to 15 s, so whether
+                # a refill landed on a burst's first streaming seconds was
+                # chance).
+                try:
+                    await asyncio.wait_for(self._pool_wanted.wait(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    pass
         finally:
             warm.cancel()
 

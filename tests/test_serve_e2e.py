@@ -459,25 +459,27 @@ def test_backlog_past_the_bound_is_overloaded(server, voices):
     assert "real time" in msgs[-1]["message"]
 
 
-def full_pool(pool: int) -> set[str]:
-    """The names of the live SessionActors, once there are `pool` of them
-    (or after 90 s): with no session open, the warm pool."""
+def session_actor_names() -> set[str]:
+    """The names of the live SessionActors (sessions and the warm pool)."""
     import ray
 
     from actors.session_actor import NAMESPACE
 
-    def names() -> set[str]:
-        return {
-            a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == NAMESPACE and a["name"].startswith("session-")
-        }
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE and a["name"].startswith("session-")
+    }
 
+
+def full_pool(pool: int) -> set[str]:
+    """The names of the live SessionActors, once there are `pool` of them
+    (or after 90 s): with no session open, the warm pool."""
     deadline = time.monotonic() + 90
-    while len(names()) < pool and time.monotonic() < deadline:
+    while len(session_actor_names()) < pool and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)  # the last one listed may still be starting
-    return names()
+    return session_actor_names()
 
 
 def test_new_session_comes_from_the_warm_pool(server):
@@ -491,6 +493,24 @@ def test_new_session_comes_from_the_warm_pool(server):
     with open_ws(server) as ws:
         sid = recv(ws)["session_id"]
     assert f"session-{sid}" in before
+
+
+def test_the_pool_refills_soon_after_a_session_takes_from_it(server):
+    """Right after the pool filled, its keeper waits KEEPALIVE_S (15 s)
+    before looking again; a session taking an actor must wake it, so the
+    refill starts once no session opened for POOL_QUIET_S (2 s)."""
+    from diglett.settings import Settings
+
+    pool = Settings.from_env().session_pool
+    full_pool(pool)
+    with open_ws(server) as ws:
+        recv(ws)
+        t0 = time.monotonic()
+        while len(session_actor_names()) < pool + 1 and time.monotonic() - t0 < 30:
+            time.sleep(0.25)
+        took = time.monotonic() - t0
+        assert len(session_actor_names()) >= pool + 1
+    assert took < 10.0, f"refilled after {took:.1f} s"
 
 
 def test_a_pooled_actor_that_died_is_replaced_unnoticed(server, voices):
