@@ -45,8 +45,10 @@ from actors.fork_shim import (
     SERVER_SUFFIX,
     _INT,
     _LEN,
+    alive,
     decode_request,
     recv_exact,
+    send_signal,
 )
 
 REQUEST_TIMEOUT_S = 5.0
@@ -165,7 +167,7 @@ class ForkServer:
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         while True:
-            if self.raylet_pid and not _alive(self.raylet_pid):
+            if self.raylet_pid and not alive(self.raylet_pid):
                 self.stop()
             for key, _ in self.selector.select(1.0):
                 if key.fileobj is self.listener:
@@ -212,7 +214,7 @@ class ForkServer:
         try:
             conn.sendall(_INT.pack(pid))
         except OSError:  # the shim is gone already
-            _kill(pid)
+            send_signal(pid, signal.SIGKILL)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
 
@@ -238,11 +240,13 @@ class ForkServer:
         """Why this request must not be forked, or ''."""
         if os.path.realpath(argv[0]) != self.worker_script:
             return f"not Ray's default worker: {argv[0]!r}"
-        if import_env(env) != self.env:
-            changed = set(import_env(env).items()) ^ set(self.env.items())
+        wanted = import_env(env)
+        if wanted != self.env:
+            changed = set(wanted.items()) ^ set(self.env.items())
             return f"environment differs: {sorted({k for k, _ in changed})}"
-        if thread_count() != 1:
-            return f"{thread_count()} threads in the fork server"
+        threads = thread_count()
+        if threads != 1:
+            return f"{threads} threads in the fork server"
         return ""
 
     def _shim_event(self, conn: socket.socket, pid: int) -> None:
@@ -251,7 +255,7 @@ class ForkServer:
         except OSError:
             data = b""
         if not data:  # the shim was killed: so is its worker
-            _kill(pid)
+            send_signal(pid, signal.SIGKILL)
             self.selector.unregister(conn)
 
     def _reap(self) -> None:
@@ -359,23 +363,6 @@ def _exit_code(code: object) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _log_to(path: str) -> None:

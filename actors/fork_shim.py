@@ -163,9 +163,7 @@ def _fork_worker(path: str, worker_argv: list[str]) -> tuple[socket.socket, int]
     try:
         sock = _connect(path)
     except OSError:
-        if os.path.exists(path + FAILED_SUFFIX):
-            raise RuntimeError("the fork server refused to serve on this node")
-        sock = _start_server(path)
+        sock = _start_server(path)  # or the node's .failed marker says not to
     request = encode_request(worker_argv, dict(os.environ), os.getcwd())
     socket.send_fds(sock, [request], [0, 1, 2])
     reply = recv_exact(sock, _INT.size)
@@ -182,19 +180,28 @@ def _exec_worker(worker_argv: list[str]) -> None:
 def _wait(sock: socket.socket, pid: int) -> int:
     """The worker's exit status; if the server is gone, watch the pid."""
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
+        signal.signal(sig, lambda signum, _frame: send_signal(pid, signum))
     reply = recv_exact(sock, _INT.size)
     if len(reply) == _INT.size:
         return exit_status(_INT.unpack(reply)[0])
-    while True:  # the fork server died; the worker may live on
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return 1
+    while alive(pid):  # the fork server died; the worker may live on
         time.sleep(1.0)
+    return 1
 
 
-def _forward(pid: int, signum: int) -> None:
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (ours or not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def send_signal(pid: int, signum: int) -> None:
+    """Signal `pid`, if it still exists."""
     try:
         os.kill(pid, signum)
     except ProcessLookupError:

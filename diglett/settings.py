@@ -88,7 +88,7 @@ class Settings:
     # idle SessionActor's memory (see README, "Performance").
     session_pool: int = 8
     # 1: SessionActor workers are forked by a per-node fork server that has
-    # already imported Ray, numpy and the SessionActor (actors/fork_server.py),
+    # already imported Ray, numpy and the session code (actors/fork_server.py),
     # so each shares those pages: ~34 MiB of private memory a session (its
     # worker and its ~4 MiB shim) instead of ~59.
     # 0: Ray starts each one as a fresh Python process.
