@@ -72,45 +72,38 @@ async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hol
     return start_s, ""
 
 
-def _pids(match) -> list[int]:
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        if match(" ".join(p.info["cmdline"] or [])):
-            pids.append(p.pid)
-    return pids
-
-
 def _session_pids() -> list[int]:
-    return _pids(lambda cmd: cmd.startswith("ray::SessionActor"))
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).startswith("ray::SessionActor")
+    ]
 
 
-def _shim_pids() -> list[int]:
-    """The processes Ray started for forked SessionActors (actors/fork_shim.py)."""
-    return _pids(lambda cmd: "fork_shim.py" in cmd)
+# The processes a session costs: its SessionActor and, when forked, the shim
+# Ray started for it (actors/fork_shim.py); the node's fork server is shared.
+ROLES = (
+    ("actor", lambda cmd: cmd.startswith("ray::SessionActor")),
+    ("shim", lambda cmd: "fork_shim.py" in cmd),
+    ("server", lambda cmd: "actors.fork_server" in cmd),
+)
 
 
-def _fork_server_pids() -> list[int]:
-    return _pids(lambda cmd: "actors.fork_server" in cmd)
-
-
-def _pss_mib(pids: list[int]) -> float:
-    """Proportional memory: each shared page split among the processes mapping it."""
-    total = 0
-    for pid in pids:
+def _session_memory() -> dict[str, list[tuple[float, float]]]:
+    """{role: [(USS, PSS) in MiB of each process]}, in one pass and one
+    smaps read per process. PSS splits each shared page among the processes
+    that map it."""
+    out: dict[str, list[tuple[float, float]]] = {role: [] for role, _ in ROLES}
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        role = next((r for r, match in ROLES if match(cmd)), None)
+        if role is None:
+            continue
         try:
-            total += psutil.Process(pid).memory_full_info().pss
+            info = p.memory_full_info()
         except psutil.Error:
-            pass
-    return total / 2**20
-
-
-def _uss_mib(pids: list[int]) -> list[float]:
-    out = []
-    for pid in pids:
-        try:
-            out.append(psutil.Process(pid).memory_full_info().uss / 2**20)
-        except psutil.Error:
-            pass
+            continue
+        out[role].append((info.uss / 2**20, info.pss / 2**20))
     return out
 
 
@@ -150,7 +143,8 @@ def main() -> int:
             return os.getpid()
 
     bare = Bare.remote()
-    bare_uss = _uss_mib([ray.get(bare.pid.remote())])[0]
+    bare_uss = psutil.Process(ray.get(bare.pid.remote())).memory_full_info().uss
+    bare_uss /= 2**20
     enrolls, conv = _voices(args.data)
     url = f"ws://127.0.0.1:{port}/v1/stream"
 
@@ -178,13 +172,17 @@ def main() -> int:
             if len(pids) >= args.sessions:
                 await asyncio.sleep(args.stream_s + 10.0)
                 break
-        actors, shims, servers = _session_pids(), _shim_pids(), _fork_server_pids()
+        by_role = _session_memory()
+        actors = by_role["actor"]
         mem = {
-            "uss": _uss_mib(actors),
-            "shim_uss": _uss_mib(shims),
-            "server_uss": _uss_mib(servers),
+            "uss": [uss for uss, _ in actors],
+            "shim_uss": [uss for uss, _ in by_role["shim"]],
+            "server_uss": [uss for uss, _ in by_role["server"]],
             # Everything the sessions cost, shared pages included, per session.
-            "pss_per_session": _pss_mib(actors + shims + servers) / max(1, len(actors)),
+            "pss_per_session": sum(
+                pss for procs in by_role.values() for _, pss in procs
+            )
+            / max(1, len(actors)),
         }
         hold.set()
         return await asyncio.gather(*tasks), mem
