@@ -47,7 +47,9 @@ class Settings:
     speech_min_frac: float = 0.4
     window_s: float = 1.5
     hop_s: float = 0.5
-    batch_size: int = 32
+    # Most windows per model call; 0: 32 on a CPU replica, 512 on a GPU
+    # (serve_app/embedding.py: a GPU needs big batches to be busy).
+    batch_size: int = 0
     batch_wait_s: float = 0.005
     api_token: str = ""
     session_ttl_s: float = 60.0
@@ -93,6 +95,16 @@ class Settings:
     # worker and its ~4 MiB shim) instead of ~59.
     # 0: Ray starts each one as a fresh Python process.
     session_fork: int = 1
+    # Batches are padded up to these sizes (comma-separated), each warmed up
+    # at start. "": a GPU replica pads to powers of two from 8 to batch_size
+    # (diglett/embedder.py, gpu_batch_shapes), a CPU replica does not pad.
+    batch_shapes: str = ""
+    # 1: a GPU replica runs ECAPA through torch.compile, each batch shape
+    # compiled at start (minutes; fewer `batch_shapes` start faster).
+    gpu_compile: int = 0
+    # Model threads of a GPU replica, each with its own CUDA stream, so one
+    # stacks and copies a batch while the GPU computes another's (1-4).
+    gpu_streams: int = 2
     # EmbeddingDeployment replicas: a custom resource each takes 1 unit of
     # (e.g. `diglett_embed`), in addition to any GPU the Serve config asks for.
     embed_resource: str = ""
@@ -145,8 +157,13 @@ class Settings:
             raise ValueError("DIGLETT_REL_THRESHOLD must lie in [0, 1]")
         if self.max_speakers < 1:
             raise ValueError("DIGLETT_MAX_SPEAKERS must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError("DIGLETT_BATCH_SIZE must be at least 1")
+        if self.batch_size < 0:
+            raise ValueError("DIGLETT_BATCH_SIZE must be 0 (auto) or more")
+        self.parsed_batch_shapes()
+        if self.gpu_compile not in (0, 1):
+            raise ValueError("DIGLETT_GPU_COMPILE must be 0 or 1")
+        if not 1 <= self.gpu_streams <= 4:
+            raise ValueError("DIGLETT_GPU_STREAMS must lie in [1, 4]")
         if self.session_strategy.upper() not in ("SPREAD", "DEFAULT"):
             raise ValueError("DIGLETT_SESSION_STRATEGY must be SPREAD or DEFAULT")
         if self.cpu_precision not in CPU_PRECISIONS:
@@ -157,6 +174,18 @@ class Settings:
             raise ValueError("DIGLETT_SESSION_FORK must be 0 or 1")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
+
+    def parsed_batch_shapes(self) -> tuple[int, ...]:
+        """`batch_shapes` as sorted sizes; () when unset."""
+        try:
+            shapes = {int(x) for x in self.batch_shapes.split(",") if x.strip()}
+        except ValueError:
+            shapes = {0}
+        if any(k < 1 for k in shapes):
+            raise ValueError(
+                "DIGLETT_BATCH_SHAPES must be positive integers, comma-separated"
+            )
+        return tuple(sorted(shapes))
 
     @property
     def origins(self) -> frozenset[str]:

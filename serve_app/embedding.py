@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from diglett.audio import to_float32
 from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.settings import Settings
 from serve_app import metrics
@@ -51,6 +50,25 @@ def _torch_threads() -> int | None:
 def _count_windows(requests: list) -> int:
     return sum(len(r) for r in requests)
 
+
+def _thread_ids(pool: ThreadPoolExecutor, n: int) -> list[int]:
+    """The native ids of `pool`'s `n` threads, all started now."""
+    barrier = threading.Barrier(n)
+
+    def tid() -> int:
+        barrier.wait(timeout=30)  # so that each call holds a thread of its own
+        return threading.get_native_id()
+
+    return sorted(f.result() for f in [pool.submit(tid) for _ in range(n)])
+
+
+# Batch sizes when DIGLETT_BATCH_SIZE is 0. A CPU replica's batches are
+# small anyway (its model takes ~21 ms a window). A GPU is busy only with
+# big ones: raw ECAPA on an H100, fp16 eager, ~3,200 windows/s at batch 32,
+# 7,700 at 128, 9,500 at 512 (../shared/device/README.md); at low load the
+# batches stay small, since `@serve.batch` does not wait for a full one.
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 512
 
 AUTOSCALING = {
     "min_replicas": 1,
@@ -97,20 +115,47 @@ class EmbeddingDeployment:
                 model_dir, settings.device, settings.cpu_precision
             )
             self.model_dir = str(model_dir)
+        self._on_gpu = self.embedder.device.startswith("cuda")
         if self.embedder.device == "cpu":
             import torch
 
             torch.set_num_threads(settings.torch_threads or default_torch_threads())
-        self._configure(settings.batch_size, settings.batch_wait_s)
+        elif self._on_gpu:
+            import torch  # here, not at module level: see ../shared/device
+
+            # Batch shapes are fixed (padded, below), so cuDNN's autotuning
+            # runs once per shape, in the warm-up.
+            torch.backends.cudnn.benchmark = True
+            if settings.gpu_compile:
+                self.embedder.compile()
+        self._shapes_setting = settings.parsed_batch_shapes()
+        self._window_samples = settings.window_samples
+        self._batch_shapes: tuple[int, ...] = ()
+        self.warm_up_s = 0.0
         # The model runs in a thread of its own, at the priority the replica
         # started with (Ray starts workers at niceness 15 and its own RPC
         # threads at 0; this replica's worker starts at 0, see placement.py).
         # Its other threads (Serve's event loops, Ray's RPC threads) serve
         # requests and yield the CPU to it like the SessionActors do
         # (Settings.serving_nice); torch's intra-op threads start from it.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="diglett-model")
-        self._model_tid = self._model_thread.submit(threading.get_native_id).result()
-        lower_cpu_priority(settings.serving_nice, keep={self._model_tid})
+        # On a GPU, `gpu_streams` model threads take batches in turn (see
+        # Embedder._run_cuda); `@serve.batch` runs as many batches at once.
+        streams = settings.gpu_streams if self._on_gpu else 1
+        self._model_thread = ThreadPoolExecutor(
+            streams, thread_name_prefix="diglett-model"
+        )
+        self._model_tids = _thread_ids(self._model_thread, streams)
+        lower_cpu_priority(settings.serving_nice, keep=set(self._model_tids))
+        self._default_batch_size = settings.batch_size or (
+            GPU_BATCH_SIZE if self._on_gpu else CPU_BATCH_SIZE
+        )
+        self._embed_batch = serve.batch(
+            max_batch_size=self._default_batch_size,
+            batch_wait_timeout_s=settings.batch_wait_s,
+            max_concurrent_batches=streams,
+            batch_size_fn=_count_windows,
+        )(self._embed_many)
+        self._configure(settings.batch_size, settings.batch_wait_s)
         self.load_s = time.monotonic() - t0
         logger.info(
             "embedding replica ready on %s in %.1f s", self.embedder.device, self.load_s
@@ -124,9 +169,30 @@ class EmbeddingDeployment:
         )
 
     def _configure(self, batch_size: int, batch_wait_s: float) -> None:
+        """`batch_size` 0: this replica's default (CPU_BATCH_SIZE or
+        GPU_BATCH_SIZE, unless DIGLETT_BATCH_SIZE is set)."""
+        if batch_size < 0:
+            raise ValueError("batch_size must be 0 (the default) or more")
+        batch_size = batch_size or self._default_batch_size
         self._batch_size, self._batch_wait_s = batch_size, batch_wait_s
         self._embed_batch.set_max_batch_size(batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
+        # A GPU pads by default; any replica pads when the shapes are set.
+        if self._shapes_setting or self._on_gpu:
+            from diglett.embedder import gpu_batch_shapes
+
+            shapes = self._shapes_setting or gpu_batch_shapes(batch_size)
+            if shapes != self._batch_shapes:
+                self._batch_shapes = shapes
+                self.embedder.set_batch_shapes(shapes)
+                # In the model thread, where every batch runs (Serve calls
+                # this before the replica takes requests).
+                self.warm_up_s = self._model_thread.submit(
+                    self.embedder.warm_up, self._window_samples
+                ).result()
+                logger.info(
+                    "batch shapes %s warmed up in %.1f s", shapes, self.warm_up_s
+                )
 
     async def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings (shape (192,), raw) of one caller's signals, in order.
@@ -135,7 +201,7 @@ class EmbeddingDeployment:
         """
         if not signals:
             return []
-        signals = [to_float32(s) for s in signals]
+        # int16 stays int16: the model's device scales it (diglett/embedder.py).
         # A backlog (a fast client, a stalled network) can bring more windows
         # than one batch holds: `@serve.batch` refuses an item larger than
         # `max_batch_size`, so such a request is split into batch-sized parts.
@@ -146,12 +212,10 @@ class EmbeddingDeployment:
         done = await asyncio.gather(*(self._embed_batch(p) for p in parts))
         return [e for part in done for e in part]
 
-    @serve.batch(
-        max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_windows
-    )
-    async def _embed_batch(
+    async def _embed_many(
         self, requests: list[list[np.ndarray]]
     ) -> list[list[np.ndarray]]:
+        """The requests `@serve.batch` merged (see __init__), as one model call."""
         flat = [s for r in requests for s in r]
         # The model runs in a thread so the replica keeps accepting requests
         # (and so forms the next batch) while this one computes.
@@ -165,18 +229,31 @@ class EmbeddingDeployment:
             k += len(r)
         return out
 
+    def _device_name(self) -> str:
+        if not self._on_gpu:
+            return self.embedder.device
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(self.embedder.device))
+
     def info(self) -> dict:
         """Where the model runs and how the batcher is set."""
         return {
             "device": self.embedder.device,
+            "device_name": self._device_name(),
+            "pid": os.getpid(),
             "model_dir": self.model_dir,
             "batch_size": self._batch_size,
             "batch_wait_s": self._batch_wait_s,
             "load_s": round(self.load_s, 2),
             "torch_threads": _torch_threads(),
+            "model_threads": len(self._model_tids),
             "precision": self.embedder.precision,
+            "batch_shapes": list(self._batch_shapes),
+            "compiled": bool(getattr(self.embedder, "compiled", False)),
+            "warm_up_s": round(self.warm_up_s, 2),
             "niceness": {
-                "model_thread": os.getpriority(os.PRIO_PROCESS, self._model_tid),
-                "others": thread_niceness(skip={self._model_tid}),
+                "model_thread": os.getpriority(os.PRIO_PROCESS, self._model_tids[0]),
+                "others": thread_niceness(skip=set(self._model_tids)),
             },
         }

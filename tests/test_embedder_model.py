@@ -62,3 +62,48 @@ def test_int16_transport_keeps_embeddings(embedder):
         [a] = embedder.embed([w])
         [b] = embedder.embed([to_float32(to_int16(w))])
         assert _cos(a, b) >= 0.9999
+
+
+def test_int16_rows_are_scaled_as_the_float_path_does(embedder):
+    """int16 windows are stacked as int16 and scaled in torch (on a GPU, on
+    the device): the same numbers as converting each window first."""
+    from diglett.audio import to_float32, to_int16
+
+    u = utterances()
+    x = load16(u["LS-26"][1])
+    ints = [to_int16(x[i * 8000 : i * 8000 + 24000]) for i in range(3)]
+    as_int16 = embedder.embed(ints)
+    as_float = embedder.embed([to_float32(w) for w in ints])
+    for a, b in zip(as_int16, as_float):
+        assert np.array_equal(a, b)
+    # Mixed in one call: each kind is its own group, results unchanged.
+    mixed = embedder.embed([ints[0], to_float32(ints[1]), ints[2]])
+    for a, b in zip(mixed, as_int16):
+        assert _cos(a, b) >= 0.99999
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_padding_to_batch_shapes_leaves_embeddings_unchanged(precision):
+    """A batch padded with copies of its first row (GPU replicas' fixed
+    shapes) gives its real rows the embeddings they get unpadded; int8's
+    per-batch scale does not move either (copies add no new range)."""
+    from diglett.audio import to_int16
+    from diglett.embedder import Embedder
+
+    emb = Embedder.load(model_dir(), "cpu", precision)
+    u = utterances()
+    x = load16(u["VCTK-p226"][0])
+    windows = [to_int16(x[i * 4000 : i * 4000 + 24000]) for i in range(5)]
+    plain = emb.embed(windows)
+    emb.set_batch_shapes((2, 8))
+    assert emb.max_batch == 8
+    assert emb.warm_up(24000) > 0
+    padded = emb.embed(windows)  # 5 rows run as 8
+    for a, b in zip(plain, padded):
+        assert _cos(a, b) >= 0.9999
+    many = emb.embed(windows * 2)  # 10 rows: 8 and 2, other neighbours
+    # int8 scales activations per batch, so other neighbours move a window
+    # a little (README: cosine >= 0.99); float32 does not care.
+    bound = 0.9999 if precision == "fp32" else 0.99
+    for a, b in zip(plain * 2, many):
+        assert _cos(a, b) >= bound
