@@ -47,20 +47,30 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> None:
         environ.setdefault(key, value)
 
 
-def start_local_serve(**init_kwargs) -> int:
+def start_local_serve(http: bool = True, **init_kwargs) -> int:
     """Start a local Ray instance, and Serve on a free port of 127.0.0.1, on
     the data path `diglett serve` runs (for tests and benchmarks); returns
     the port. `init_kwargs` go to `ray.init` (num_cpus, object_store_memory,
-    address...)."""
+    address...).
+
+    `http=False` starts Serve with no HTTP proxy at all (returns 0), for
+    benchmarks that call deployments through handles only: HAProxy is then
+    not needed, and the GPU machine has no binary of it (Ray's bundled one
+    comes in a wheel of its own)."""
     import socket
 
     import ray
     from ray import serve
 
+    if not http:
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    apply_serve_env()
+    ray.init(**{"include_dashboard": False, "log_to_driver": False, **init_kwargs})
+    if not http:
+        serve.start(proxy_location="Disabled")
+        return 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    apply_serve_env()
-    ray.init(**{"include_dashboard": False, "log_to_driver": False, **init_kwargs})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
