@@ -96,8 +96,9 @@ class Settings:
     # 0: Ray starts each one as a fresh Python process.
     session_fork: int = 1
     # Batches are padded up to these sizes (comma-separated), each warmed up
-    # at start. "": a GPU replica pads to powers of two from 8 to batch_size
-    # (diglett/embedder.py, gpu_batch_shapes), a CPU replica does not pad.
+    # at start. "": a GPU replica pads to 8, 16, 32, 64, then multiples of
+    # 64 up to batch_size (diglett/embedder.py, gpu_batch_shapes); a CPU
+    # replica does not pad.
     batch_shapes: str = ""
     # 1: a GPU replica runs ECAPA through torch.compile, each batch shape
     # compiled at start (minutes; fewer `batch_shapes` start faster).

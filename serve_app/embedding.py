@@ -65,8 +65,8 @@ def _thread_ids(pool: ThreadPoolExecutor, n: int) -> list[int]:
 # Batch sizes when DIGLETT_BATCH_SIZE is 0. A CPU replica's batches are
 # small anyway (its model takes ~21 ms a window). A GPU is busy only with
 # big ones: raw ECAPA on an H100, fp16 eager, ~3,200 windows/s at batch 32,
-# 7,700 at 128, 9,500 at 512 (../shared/device/README.md); at low load the
-# batches stay small, since `@serve.batch` does not wait for a full one.
+# 7,700 at 128, 9,500 at 512 (issue #5's anchors); at low load the batches
+# stay small, since `@serve.batch` does not wait for a full one.
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 512
 
@@ -121,7 +121,9 @@ class EmbeddingDeployment:
 
             torch.set_num_threads(settings.torch_threads or default_torch_threads())
         elif self._on_gpu:
-            import torch  # here, not at module level: see ../shared/device
+            # torch here, not at module level: a deployment class that
+            # touches torch.backends at import fails to pickle.
+            import torch
 
             # Batch shapes are fixed (padded, below), so cuDNN's autotuning
             # runs once per shape, in the warm-up.
@@ -185,8 +187,10 @@ class EmbeddingDeployment:
             if shapes != self._batch_shapes:
                 self._batch_shapes = shapes
                 self.embedder.set_batch_shapes(shapes)
-                # In the model thread, where every batch runs (Serve calls
-                # this before the replica takes requests).
+                # In the model thread, where every batch runs. Serve calls
+                # this before the replica takes requests; a live reconfigure
+                # to new shapes holds the replica while they warm up
+                # (compiled: minutes).
                 self.warm_up_s = self._model_thread.submit(
                     self.embedder.warm_up, self._window_samples
                 ).result()
