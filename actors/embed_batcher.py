@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import ray
 
@@ -45,7 +46,9 @@ class EmbedBatcher:
 
         lower_cpu_priority(niceness)  # see Settings.serving_nice
         self.handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
-        self._pending: list[tuple[list, asyncio.Future]] = []
+        # A deque: a node's sessions queue here one call each while all
+        # requests are out (hundreds at GPU scale), and leave from the front.
+        self._pending: deque[tuple[list, asyncio.Future]] = deque()
         self._in_flight = 0
         self._last_call = time.monotonic()
         self._watchdog: asyncio.Task | None = None
@@ -69,7 +72,7 @@ class EmbedBatcher:
             while self._pending and (
                 not batch or n + len(self._pending[0][0]) <= MAX_WINDOWS
             ):
-                item = self._pending.pop(0)
+                item = self._pending.popleft()
                 batch.append(item)
                 n += len(item[0])
             self._in_flight += 1
