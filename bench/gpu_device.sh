@@ -13,9 +13,10 @@
 #   eager2    fp16 eager, two model threads with a CUDA stream each (default)
 #   compiled  torch.compile'd ECAPA at two fixed batch shapes, two threads
 # Each ramps sessions (2 windows/s each) until p95 > 300 ms. Targets (issue
-# #5): 8,000 windows/s at p95 <= 300 ms, then 16,000. Results: $OUT/<phase>
-# .json and .log, nvidia-smi.txt. DIGLETT_GPU_BENCH_ARGS is appended to every
-# phase's arguments (to rehearse on a CPU: --device cpu and small steps).
+# #5): 8,000 windows/s at p95 <= 300 ms, then 16,000. Results in $OUT:
+# <phase>.json and .log, nvidia-smi.txt, gpu_util.csv (the GPU's busy share
+# every 0.5 s). DIGLETT_GPU_BENCH_ARGS is appended to every phase's
+# arguments (to rehearse on a CPU: --device cpu and small steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/diglett-gpu}"
@@ -28,6 +29,11 @@ if ! python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.wh
 fi
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
+# The GPU's busy share every 0.5 s, to line up with the phases' times below
+# (is the GPU the limit, or what feeds it?).
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv \
+  -lms 500 >"$out/gpu_util.csv" 2>/dev/null &
+util_pid=$!
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))'
 echo "installed in $((SECONDS - start)) s"
 
@@ -35,7 +41,7 @@ read -r -a extra <<<"${DIGLETT_GPU_BENCH_ARGS:-}"
 phase() { # name, time limit in s, gpu_embed.py arguments...
   local name=$1 limit=$2
   shift 2
-  echo "== $name (at $((SECONDS - start)) s)"
+  echo "== $name (at $((SECONDS - start)) s, $(date +%T))"
   timeout -k 10 "$limit" python3 bench/gpu_embed.py --out "$out/$name.json" "$@" \
     "${extra[@]}" >"$out/$name.log" 2>&1
   echo "exit $?"
@@ -51,4 +57,5 @@ phase eager1 130 "${common[@]}" --streams 1 --steps 2000,3000,4000,5000
 phase eager2 130 "${common[@]}" --streams 2 --steps 2000,3000,4000,5000
 phase compiled 280 "${common[@]}" --streams 2 --compile --batch-shapes 256,512 \
   --steps 4000,6000,8000,10000
-echo "done in $((SECONDS - start)) s"
+kill "$util_pid" 2>/dev/null
+echo "done in $((SECONDS - start)) s ($(date +%T))"
