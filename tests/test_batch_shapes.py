@@ -46,3 +46,18 @@ def test_batch_shape_settings_parse_and_refuse_nonsense():
     for bad in ("0", "5"):
         with pytest.raises(ValueError, match="DIGLETT_GPU_STREAMS"):
             Settings.from_env(env={"DIGLETT_GPU_STREAMS": bad})
+
+
+def test_model_thread_ids_are_one_per_thread_of_the_pool():
+    """A GPU replica keeps all its model threads at the model's priority:
+    it must learn each thread's id, not one thread's id twice."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.embedding import _thread_ids
+
+    for n in (1, 2, 3):
+        with ThreadPoolExecutor(n) as pool:
+            ids = _thread_ids(pool, n)
+            assert len(set(ids)) == n
+            assert threading.get_native_id() not in ids
