@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,21 +50,12 @@ WINDOW = 24000  # 1.5 s at 16 kHz
 APP = "gpubench"
 
 
-def cpu_ticks() -> tuple[float, float]:
-    """(busy, total) seconds of all cores since boot, from /proc/stat."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().split()[1:9]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(fields) - idle) / hz, sum(fields) / hz
-
-
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid` (0 when it is gone)."""
     try:
-        parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        return sum(psutil.Process(pid).cpu_times()[:2])
+    except psutil.Error:
         return 0.0
-    return (float(parts[11]) + float(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -222,12 +214,12 @@ def main() -> int:
 
     def step(n: int, seconds: float) -> dict:
         per = [n // args.loaders + (i < n % args.loaders) for i in range(args.loaders)]
-        busy0, total0 = cpu_ticks()
+        psutil.cpu_percent()  # starts the machine's busy share from now
         rep0 = sum(process_cpu_s(pid) for pid in infos)
         t0 = time.monotonic()
         res = ray.get([ld.run.remote(k, seconds) for ld, k in zip(loaders, per)])
         wall = time.monotonic() - t0
-        busy1, total1 = cpu_ticks()
+        busy = psutil.cpu_percent() / 100 * psutil.cpu_count()
         rep1 = sum(process_cpu_s(pid) for pid in infos)
         lat = np.array([x for r in res for x in r["lat"]] or [np.nan]) * 1e3
         done = sum(r["done"] for r in res)
@@ -242,8 +234,8 @@ def main() -> int:
             "latency_ms_p95": round(float(np.nanpercentile(lat, 95)), 1),
             "latency_ms_p99": round(float(np.nanpercentile(lat, 99)), 1),
             "wall_s": round(wall, 1),
-            "machine_cpu_cores": round((busy1 - busy0) / wall, 2),
-            "machine_cores": round((total1 - total0) / wall),
+            "machine_cpu_cores": round(busy, 2),
+            "machine_cores": psutil.cpu_count(),
             "replica_cpu_ms_per_window": round(1e3 * (rep1 - rep0) / max(1, done), 3),
             "errors": len(errors),
             "first_error": errors[0] if errors else "",
