@@ -81,6 +81,7 @@ class Embedder:
         self.precision = "fp16" if device.startswith("cuda") else cpu_precision
         self.batch_shapes: tuple[int, ...] = ()
         self.compiled = False
+        self._warmed: set[tuple[int, int]] = set()  # (rows, samples) run once
         self._lanes = threading.local()  # per model thread, on a GPU
         # torch.compile'd code is not thread-safe (pytorch/pytorch#118260):
         # with it, model threads enqueue their kernels one at a time.
@@ -106,16 +107,22 @@ class Embedder:
         mods = self.encoder.mods
         mods["embedding_model"] = torch.compile(mods["embedding_model"], dynamic=False)
         self.compiled = True
+        self._warmed.clear()  # the compiled graphs are still to be made
 
     def warm_up(self, n_samples: int) -> float:
-        """Run every batch shape once with `n_samples`-long signals, so the
-        kernels they pick (and compiled graphs) are ready; returns seconds."""
+        """Run every batch shape not run yet once with `n_samples`-long
+        signals, so the kernels they pick (and compiled graphs) are ready;
+        returns seconds. Shapes set again (a replica's start, then its
+        `user_config`) are not run again."""
         import time
 
         t0 = time.monotonic()
-        row = np.zeros(max(n_samples, MIN_SAMPLES), dtype=np.int16)
+        n = max(n_samples, MIN_SAMPLES)
+        row = np.zeros(n, dtype=np.int16)
         for k in self.batch_shapes:
-            self._run([row] * k)
+            if (k, n) not in self._warmed:
+                self._run([row] * k)
+                self._warmed.add((k, n))
         return time.monotonic() - t0
 
     @classmethod

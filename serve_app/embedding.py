@@ -191,12 +191,12 @@ class EmbeddingDeployment:
                 # this before the replica takes requests; a live reconfigure
                 # to new shapes holds the replica while they warm up
                 # (compiled: minutes).
-                self.warm_up_s = self._model_thread.submit(
+                # Shapes already run are skipped (Embedder.warm_up).
+                took = self._model_thread.submit(
                     self.embedder.warm_up, self._window_samples
                 ).result()
-                logger.info(
-                    "batch shapes %s warmed up in %.1f s", shapes, self.warm_up_s
-                )
+                self.warm_up_s += took
+                logger.info("batch shapes %s warmed up in %.1f s", shapes, took)
 
     async def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings (shape (192,), raw) of one caller's signals, in order.
@@ -254,7 +254,7 @@ class EmbeddingDeployment:
             "model_threads": len(self._model_tids),
             "precision": self.embedder.precision,
             "batch_shapes": list(self._batch_shapes),
-            "compiled": bool(getattr(self.embedder, "compiled", False)),
+            "compiled": self.embedder.compiled,
             "warm_up_s": round(self.warm_up_s, 2),
             "niceness": {
                 "model_thread": os.getpriority(os.PRIO_PROCESS, self._model_tids[0]),

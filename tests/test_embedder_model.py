@@ -107,3 +107,11 @@ def test_padding_to_batch_shapes_leaves_embeddings_unchanged(precision):
     bound = 0.9999 if precision == "fp32" else 0.99
     for a, b in zip(plain * 2, many):
         assert _cos(a, b) >= bound
+    # Shapes set again (a replica's start, then its user_config) warm up
+    # only the new one.
+    runs: list[int] = []
+    run = emb._run
+    emb._run = lambda rows: runs.append(len(rows)) or run(rows)
+    emb.set_batch_shapes((2, 4, 8))
+    emb.warm_up(24000)
+    assert runs == [4]
