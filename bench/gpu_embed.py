@@ -70,7 +70,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--batch-wait-s", type=float, default=0.01)
     ap.add_argument(
-        "--batch-shapes", default="", help="DIGLETT_BATCH_SHAPES (default: powers of 2)"
+        "--batch-shapes",
+        default="",
+        help="DIGLETT_BATCH_SHAPES (default on a GPU: 8-64, then multiples of 64)",
     )
     ap.add_argument("--compile", action="store_true", help="DIGLETT_GPU_COMPILE=1")
     ap.add_argument("--streams", type=int, default=2, help="DIGLETT_GPU_STREAMS")
