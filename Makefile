@@ -24,11 +24,13 @@ $(DEV): pyproject.toml | $(PY)
 serve: $(BASE)
 	$(VENV)/bin/diglett serve
 
-# The multi-node test starts its own three-node Ray cluster, so it runs in a
-# pytest process of its own, after the suite's local Ray instance is gone.
+# The multi-node test starts its own three-node Ray cluster, and the HAProxy
+# reload test its own Serve (HAProxy's ports are fixed), so they run in a
+# pytest process of their own, after the suite's local Ray instance is gone.
+OWN_RAY := tests/test_multinode.py tests/test_haproxy_reload.py
 test: $(DEV)
-	$(PY) -m pytest -q -ra --ignore=tests/test_multinode.py
-	$(PY) -m pytest -q -ra tests/test_multinode.py
+	$(PY) -m pytest -q -ra $(addprefix --ignore=,$(OWN_RAY))
+	$(PY) -m pytest -q -ra $(OWN_RAY)
 
 test-cluster: $(DEV)
 	$(PY) -m pytest -q -ra tests/test_multinode.py

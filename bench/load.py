@@ -385,7 +385,7 @@ def _start_local(args) -> str:
         os.environ["DIGLETT_MAX_RATE"] = "0"
     os.environ.setdefault("DIGLETT_MAX_SESSIONS", "5000")
     from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve
+    from serve_app.serve_env import start_local_serve, wait_for_direct_route
 
     port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     # As `diglett serve` does: one CPU embedding replica per machine without
@@ -393,6 +393,7 @@ def _start_local(args) -> str:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     app = build_app({"max_embed_replicas": gpus or 1})
     serve.run(app, name="diglett", route_prefix="/")
+    wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
     return f"ws://127.0.0.1:{port}/v1/stream"
 
 

@@ -124,10 +124,11 @@ def main() -> int:
 
     from diglett.settings import Settings
     from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve
+    from serve_app.serve_env import start_local_serve, wait_for_direct_route
 
     port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     serve.run(build_app(), name="diglett", route_prefix="/")
+    wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
     # Let the warm pool fill, as on a server that has been up for a while.
     pool = Settings.from_env().session_pool
     filling = time.monotonic()

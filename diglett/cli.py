@@ -23,10 +23,11 @@ import yaml
 
 from diglett.settings import Settings
 from serve_app.placement import embedding_actor_options
-from serve_app.serve_env import apply_serve_env
+from serve_app.serve_env import apply_serve_env, wait_for_direct_route
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "cluster" / "serve.yaml"
+DIRECT_ROUTE_WAIT_S = 30.0  # longest wait, after /healthz is ok, for the direct route
 
 
 def _gpu_count() -> int:
@@ -109,11 +110,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base = f"http://{host}:{settings.port}"
     try:
         if _wait_healthy(base + "/healthz", proc, args.start_timeout):
-            print(
-                f"diglett: ready in {time.monotonic() - t0:.1f} s — "
-                f"ws://{host}:{settings.port}/v1/stream  (docs: {base}/docs)",
-                flush=True,
+            # New connections take Serve's slower fallback proxy until
+            # HAProxy lists the ingress replica (serve_app/serve_env.py).
+            direct = wait_for_direct_route(
+                base, DIRECT_ROUTE_WAIT_S, lambda: proc.poll() is not None
             )
+            if proc.poll() is None:
+                if not direct:
+                    print(
+                        "diglett: HAProxy does not route to the ingress "
+                        "directly yet; connections go through Serve's proxy "
+                        "meanwhile",
+                        flush=True,
+                    )
+                print(
+                    f"diglett: ready in {time.monotonic() - t0:.1f} s — "
+                    f"ws://{host}:{settings.port}/v1/stream  (docs: {base}/docs)",
+                    flush=True,
+                )
         elif proc.poll() is None:
             print("diglett: /healthz not ok yet; still starting", flush=True)
         return proc.wait()

@@ -45,6 +45,7 @@ from diglett.settings import Settings
 from serve_app import metrics
 from serve_app.demo import router as demo_router
 from serve_app.placement import session_actor_options
+from serve_app.serve_env import request_route
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,6 +72,9 @@ app.include_router(demo_router)  # the browser demo at /demo (serve_app/demo.py)
 
 class Health(BaseModel):
     status: str
+    # How this request reached the ingress (serve_app/serve_env.py): "direct"
+    # from HAProxy, or "proxy" through Serve's Python proxy.
+    route: str | None = None
 
 
 class Info(BaseModel):
@@ -307,13 +311,16 @@ class Ingress:
 
     # ------------------------------------------------------------------ HTTP
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-    async def healthz(self):
-        """`ok` once an embedding replica has loaded the model."""
+    async def healthz(self, request: Request):
+        """`ok` once an embedding replica has loaded the model; `route` says
+        whether HAProxy reached this replica directly yet (`direct`)."""
+        server = request.scope.get("server") or (None, None)
+        route = request_route(server[1])
         try:
             await asyncio.wait_for(self.embedder.info.remote(), timeout=5.0)
         except Exception:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse({"status": "loading", "route": route}, status_code=503)
+        return {"status": "ok", "route": route}
 
     @app.get("/v1/info", response_model=Info)
     async def info(self):

@@ -21,7 +21,7 @@ process that starts a local instance. A value already set wins (set one to
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -38,13 +38,85 @@ SERVE_ENV: dict[str, str] = {
     # HAProxy drops it first; that takes the controller about a second, and
     # Ray's default of 30 s held each Ctrl-C of `make serve` for 30 s.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    # HAProxy reloads (a new process) whenever the set of ingress replicas
+    # changes: at start, and at every scale-up or -down. The old process
+    # keeps the WebSockets it carries, but Ray's default kills it 120 s
+    # later, which cut every such session without a close frame (at start,
+    # those opened in the seconds before the first reload, still routed
+    # through Serve's fallback proxy). A session may stream for hours; an
+    # old process exits by itself once its last connection closes.
+    "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "86400",
+    # Ray keeps a stopped replica's port out of use for the hard stop plus
+    # 30 s, against old processes routing new requests to it; they carry
+    # only WebSockets (open tunnels, no new requests), and a day's
+    # quarantine would let ingress churn use up a node's 1,000 ports.
+    # Ray's own value for its default hard stop:
+    "RAY_SERVE_PORT_QUARANTINE_S": "150",
 }
+
+# How /healthz says a request reached the ingress replica (`route`): from
+# HAProxy straight to the replica's own HTTP server, or through Serve's
+# Python proxy (HAProxy's fallback while it lists no ingress replica, and
+# the only way in with HAProxy off), which costs more CPU per message.
+ROUTE_DIRECT = "direct"
+ROUTE_PROXY = "proxy"
 
 
 def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> None:
     """Set SERVE_ENV's variables in `environ` where they are not set yet."""
     for key, value in SERVE_ENV.items():
         environ.setdefault(key, value)
+
+
+def request_route(server_port: int | None) -> str:
+    """ROUTE_DIRECT or ROUTE_PROXY for a request that reached this replica
+    on `server_port` (the ASGI scope's server port), in a Serve replica.
+
+    Through HAProxy, the replica's own server gets the request; Serve's
+    proxy listens on its fallback port then (on the Serve port otherwise).
+    """
+    from ray.serve._private import constants
+
+    if not getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False):
+        return ROUTE_PROXY
+    fallback = getattr(constants, "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500)
+    return ROUTE_PROXY if server_port == fallback else ROUTE_DIRECT
+
+
+def wait_for_direct_route(
+    base_url: str,
+    timeout_s: float = 30.0,
+    give_up: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Wait until `base_url`/healthz is ok and reports the direct route.
+
+    After `serve.run` returns (or /healthz first answers), HAProxy still
+    sends new connections through Serve's fallback proxy until its first
+    reload lists the ingress replica, a second or a few later. A WebSocket
+    opened then stays on that slower path for its whole life, which skews
+    a benchmark and costs a server CPU. With HAProxy off in this process's
+    environment (the server's, when this process started it), ok suffices.
+    False if that did not happen within `timeout_s`, or once `give_up()`.
+    """
+    import json
+    import time
+    import urllib.request
+
+    want = {ROUTE_DIRECT}
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        want.add(ROUTE_PROXY)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(base_url + "/healthz", timeout=5) as r:
+                body = json.loads(r.read())
+            if body.get("status") == "ok" and body.get("route") in want:
+                return True
+        except Exception:  # not up yet, or 503 while the model loads
+            pass
+        if time.monotonic() >= deadline or give_up():
+            return False
+        time.sleep(0.25)
 
 
 def start_local_serve(http: bool = True, **init_kwargs) -> int:

@@ -70,13 +70,29 @@ def voices():
 
 def test_http_endpoints(server):
     with httpx.Client(base_url=server["http"], timeout=60) as c:
-        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/healthz").json() == {"status": "ok", "route": "direct"}
         info = c.get("/v1/info").json()
         assert info["protocol"] == 1 and info["sample_rate"] == 16000
         assert info["model"] == "speechbrain/spkrec-ecapa-voxceleb"
         assert {"window_s", "hop_s", "threshold", "max_speakers"} <= set(info)
         assert c.get("/docs").status_code == 200
         assert "/v1/embeddings" in c.get("/openapi.json").json()["paths"]
+
+
+def test_healthz_tells_requests_through_serves_proxy_from_direct_ones(server):
+    """HAProxy's fallback, Serve's Python proxy, is what a connection takes
+    before HAProxy lists the ingress; `route` lets `diglett serve` and the
+    benchmarks wait for the direct path (serve_app/serve_env.py)."""
+    from ray.serve._private.constants import RAY_SERVE_FALLBACK_PROXY_HTTP_PORT
+
+    fallback = f"http://127.0.0.1:{RAY_SERVE_FALLBACK_PROXY_HTTP_PORT}"
+    assert httpx.get(fallback + "/healthz", timeout=60).json() == {
+        "status": "ok",
+        "route": "proxy",
+    }
+    assert httpx.get(server["http"] + "/healthz", timeout=60).json()["route"] == (
+        "direct"
+    )
 
 
 def test_embeddings_endpoint(server, voices):
