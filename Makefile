@@ -25,9 +25,10 @@ serve: $(BASE)
 	$(VENV)/bin/diglett serve
 
 # The multi-node test starts its own three-node Ray cluster, and the HAProxy
-# reload test its own Serve (HAProxy's ports are fixed), so they run in a
-# pytest process of their own, after the suite's local Ray instance is gone.
-OWN_RAY := tests/test_multinode.py tests/test_haproxy_reload.py
+# reload and `diglett serve` tests their own Serve (HAProxy's ports are
+# fixed), so they run in a pytest process of their own, after the suite's
+# local Ray instance is gone.
+OWN_RAY := tests/test_multinode.py tests/test_haproxy_reload.py tests/test_cli_serve.py
 test: $(DEV)
 	$(PY) -m pytest -q -ra $(addprefix --ignore=,$(OWN_RAY))
 	$(PY) -m pytest -q -ra $(OWN_RAY)

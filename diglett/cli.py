@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from diglett.leftovers import orphaned_haproxies, port_free, stop
 from diglett.settings import Settings
 from serve_app.placement import embedding_actor_options
 from serve_app.serve_env import apply_serve_env, wait_for_direct_route
@@ -80,9 +81,49 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
     return False
 
 
+def _check_port(settings: Settings) -> bool:
+    """Free the Serve port of HAProxy orphaned by an earlier server (see
+    diglett/leftovers.py); False, with a message, if it stays taken."""
+    host, port = settings.host, settings.port
+    if port_free(host, port):
+        return True
+    orphans = orphaned_haproxies()
+    if orphans:
+        left = stop(orphans)
+        print(
+            f"diglett: stopped HAProxy left running by an earlier server "
+            f"that did not shut down (pid {', '.join(map(str, orphans))})"
+            + (f"; still running: {left}" if left else ""),
+            flush=True,
+        )
+        if port_free(host, port):
+            return True
+    print(
+        f"diglett: port {port} on {host} is in use; stop what listens there "
+        "(another `diglett serve`?) or set DIGLETT_PORT",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _die_with_parent():
+    """A `preexec_fn` for `serve run`: SIGINT (a clean stop) to it when
+    diglett dies, however it dies; None off Linux. ctypes is loaded here,
+    before the fork: the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    PR_SET_PDEATHSIG = 1
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     settings = Settings.from_env()
+    if not _check_port(settings):
+        return 2
     from diglett.model_store import ModelNotFoundError, resolve_model_dir
 
     try:
@@ -105,7 +146,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"starting Ray Serve with {args.config}",
         flush=True,
     )
-    proc = subprocess.Popen([serve_bin, "run", rendered], cwd=ROOT)
+    # `serve run` stops cleanly (Serve, then HAProxy) on SIGINT only; killed
+    # by another signal it leaves HAProxy holding the port. So it runs in a
+    # session of its own, out of reach of signals to diglett's process group
+    # (a terminal's Ctrl-C, `kill -- -PGID`, a service manager's stop), and
+    # diglett passes each stop on to it as SIGINT.
+    proc = subprocess.Popen(
+        [serve_bin, "run", rendered],
+        cwd=ROOT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(),
+    )
+
+    def stop_serve(signum, frame) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_serve)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}"
     try:
@@ -130,9 +188,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 )
         elif proc.poll() is None:
             print("diglett: /healthz not ok yet; still starting", flush=True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
         return proc.wait()
     finally:
         os.unlink(rendered)
