@@ -230,7 +230,7 @@ def test_live_fuzz(server, voices):
         assert not f.mismatches, f.mismatches[:5]
     assert sent >= 10_000 and errors == expected
     with httpx.Client(base_url=server["http"], timeout=30) as c:
-        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/healthz").json()["status"] == "ok"
     # The honest sessions saw exactly what they see without fuzz.
     want = ref["ref"]
     for key in ("h1", "h2"):
