@@ -374,6 +374,27 @@ def _plot(rows: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=110)
 
 
+def session_pids() -> list[int]:
+    """PIDs of the SessionActors on this machine (pooled ones included)."""
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).startswith("ray::SessionActor")
+    ]
+
+
+def wait_for_pool(timeout_s: float = 300.0) -> float:
+    """Wait until the ingress's warm pool of SessionActors has filled, as on
+    a server that has been up a while; returns the seconds it took."""
+    from diglett.settings import Settings
+
+    pool = Settings.from_env().session_pool
+    t0 = time.monotonic()
+    while len(session_pids()) < pool and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
 def _start_local(args) -> str:
     import ray
     from ray import serve
@@ -384,6 +405,8 @@ def _start_local(args) -> str:
     if args.fast or args.speed > 20:  # past the default rate limit
         os.environ["DIGLETT_MAX_RATE"] = "0"
     os.environ.setdefault("DIGLETT_MAX_SESSIONS", "5000")
+    if args.pool >= 0:
+        os.environ["DIGLETT_SESSION_POOL"] = str(args.pool)
     from serve_app.app import build_app
     from serve_app.serve_env import start_local_serve, wait_for_direct_route
 
@@ -394,6 +417,7 @@ def _start_local(args) -> str:
     app = build_app({"max_embed_replicas": gpus or 1})
     serve.run(app, name="diglett", route_prefix="/")
     wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
+    print(f"warm pool filled in {wait_for_pool():.1f} s", flush=True)
     return f"ws://127.0.0.1:{port}/v1/stream"
 
 
@@ -408,6 +432,13 @@ def main() -> int:
     ap.add_argument("--speed", type=float, default=1.0, help="x real time")
     ap.add_argument("--data", type=Path, default=SPEAKERS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument(
+        "--pool",
+        type=int,
+        default=-1,
+        help="warm pool of SessionActors (-1: the default); the first step "
+        "starts once it has filled",
+    )
     args = ap.parse_args()
     url = args.url or _start_local(args)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}

@@ -37,7 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.load import SPEAKERS, _voices, enroll_all  # noqa: E402
+from bench.load import (
+    SPEAKERS,
+    _voices,
+    enroll_all,
+    session_pids,
+    wait_for_pool,
+)  # noqa: E402
 from diglett.audio import encode_s16  # noqa: E402
 
 
@@ -70,14 +76,6 @@ async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hol
         async for _ in ws:
             pass
     return start_s, ""
-
-
-def _session_pids() -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if " ".join(p.info["cmdline"] or []).startswith("ray::SessionActor")
-    ]
 
 
 # The processes a session costs: its SessionActor and, when forked, the shim
@@ -129,13 +127,7 @@ def main() -> int:
     port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     serve.run(build_app(), name="diglett", route_prefix="/")
     wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
-    # Let the warm pool fill, as on a server that has been up for a while.
-    pool = Settings.from_env().session_pool
-    filling = time.monotonic()
-    deadline = filling + 300
-    while len(_session_pids()) < pool and time.monotonic() < deadline:
-        time.sleep(0.5)
-    pool_fill_s = time.monotonic() - filling
+    pool_fill_s = wait_for_pool()  # as on a server up for a while
     time.sleep(2.0)
 
     @ray.remote(num_cpus=0)
@@ -169,7 +161,7 @@ def main() -> int:
             await asyncio.sleep(2.0)
             if all(t.done() for t in tasks):
                 break
-            pids = _session_pids()
+            pids = session_pids()
             if len(pids) >= args.sessions:
                 await asyncio.sleep(args.stream_s + 10.0)
                 break
