@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,19 @@ def load16(path: Path) -> np.ndarray:
 
 
 to_s16 = encode_s16
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports of 127.0.0.1 that were free just now."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="session")

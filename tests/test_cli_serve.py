@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from diglett.leftovers import orphaned_haproxies, port_free
-from tests.conftest import needs_model
-from tests.test_leftovers import free_port
+from conftest import free_ports, model_dir, needs_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,9 +31,8 @@ pytestmark = [pytest.mark.serve, needs_model]
 
 
 def test_serve_is_ready_on_the_direct_route_and_stops_cleanly_on_sigterm(tmp_path):
-    from tests.conftest import model_dir
 
-    port = free_port()
+    [port] = free_ports(1)
     log = tmp_path / "serve.log"
     env = {
         **os.environ,

@@ -23,7 +23,7 @@ import psutil
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import model_dir
+from conftest import model_dir
 
 pytestmark = pytest.mark.serve
 

@@ -18,18 +18,13 @@ from pathlib import Path
 import pytest
 
 from diglett.leftovers import orphaned_haproxies, port_free, stop
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/cmdline").exists(), reason="reads /proc (Linux)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_haproxy_argv(port: int) -> list[str]:
@@ -75,7 +70,7 @@ def kill(pid: int) -> None:
 
 
 def test_an_orphaned_haproxy_is_found_and_stopped():
-    port = free_port()
+    [port] = free_ports(1)
     pid, parent = spawn(None, port)
     try:
         parent.wait(10)  # the parent is gone: its HAProxy is an orphan
@@ -89,7 +84,7 @@ def test_an_orphaned_haproxy_is_found_and_stopped():
 
 
 def test_an_haproxy_under_a_live_manager_is_left_alone():
-    port = free_port()
+    [port] = free_ports(1)
     pid, parent = spawn("ray::HAProxyManager", port)
     try:
         assert pid not in orphaned_haproxies()
@@ -119,7 +114,7 @@ def serve_cli(port: int, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_serve_frees_its_port_of_an_orphaned_haproxy(tmp_path):
-    port = free_port()
+    [port] = free_ports(1)
     pid, parent = spawn(None, port)
     parent.wait(10)
     try:
@@ -133,7 +128,7 @@ def test_serve_frees_its_port_of_an_orphaned_haproxy(tmp_path):
 
 
 def test_serve_refuses_a_port_another_program_holds(tmp_path):
-    port = free_port()
+    [port] = free_ports(1)
     with socket.socket() as other:
         other.bind(("127.0.0.1", port))
         other.listen()
