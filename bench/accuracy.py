@@ -77,11 +77,11 @@ def start_server(model_dir: str) -> str:
     from ray import serve
 
     from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_for_direct_route
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
     port = start_local_serve(address="local")  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
-    wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
+    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
     return f"ws://127.0.0.1:{port}/v1/stream"
 
 

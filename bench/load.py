@@ -408,7 +408,7 @@ def _start_local(args) -> str:
     if args.pool >= 0:
         os.environ["DIGLETT_SESSION_POOL"] = str(args.pool)
     from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_for_direct_route
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
     port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     # As `diglett serve` does: one CPU embedding replica per machine without
@@ -416,7 +416,7 @@ def _start_local(args) -> str:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     app = build_app({"max_embed_replicas": gpus or 1})
     serve.run(app, name="diglett", route_prefix="/")
-    wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
+    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
     print(f"warm pool filled in {wait_for_pool():.1f} s", flush=True)
     return f"ws://127.0.0.1:{port}/v1/stream"
 

@@ -86,7 +86,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from serve_app.serve_env import start_local_serve, wait_for_direct_route
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
     sys.path.insert(0, str(ROOT))
     from actors.session_actor import NAMESPACE
@@ -102,7 +102,7 @@ def main() -> int:
 
     port = start_local_serve(num_cpus=2)  # as `diglett serve` runs
     serve.run(build_app(), name="diglett", route_prefix="/")
-    wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
+    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
 
     @ray.remote(num_cpus=0)
     class Bare:

@@ -122,11 +122,11 @@ def main() -> int:
 
     from diglett.settings import Settings
     from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_for_direct_route
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
     port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
     serve.run(build_app(), name="diglett", route_prefix="/")
-    wait_for_direct_route(f"http://127.0.0.1:{port}")  # not via the fallback
+    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
     pool_fill_s = wait_for_pool()  # as on a server up for a while
     time.sleep(2.0)
 

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -24,7 +23,7 @@ import yaml
 from diglett.leftovers import orphaned_haproxies, port_free, stop
 from diglett.settings import Settings
 from serve_app.placement import embedding_actor_options
-from serve_app.serve_env import apply_serve_env, wait_for_direct_route
+from serve_app.serve_env import apply_serve_env, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "cluster" / "serve.yaml"
@@ -66,19 +65,6 @@ def render_config(base: Path, settings: Settings, gpus: int) -> dict:
                 dep.get("ray_actor_options"), settings
             )
     return config
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except Exception:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 def _check_port(settings: Settings) -> bool:
@@ -167,12 +153,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}"
     try:
-        if _wait_healthy(base + "/healthz", proc, args.start_timeout):
+        stopped = lambda: proc.poll() is not None  # noqa: E731
+        if wait_until_healthy(base, args.start_timeout, stopped, direct=False):
             # New connections take Serve's slower fallback proxy until
             # HAProxy lists the ingress replica (serve_app/serve_env.py).
-            direct = wait_for_direct_route(
-                base, DIRECT_ROUTE_WAIT_S, lambda: proc.poll() is not None
-            )
+            direct = wait_until_healthy(base, DIRECT_ROUTE_WAIT_S, stopped)
             if proc.poll() is None:
                 if not direct:
                     print(

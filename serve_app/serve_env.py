@@ -83,12 +83,14 @@ def request_route(server_port: int | None) -> str:
     return ROUTE_PROXY if server_port == fallback else ROUTE_DIRECT
 
 
-def wait_for_direct_route(
+def wait_until_healthy(
     base_url: str,
     timeout_s: float = 30.0,
     give_up: Callable[[], bool] = lambda: False,
+    direct: bool = True,
 ) -> bool:
-    """Wait until `base_url`/healthz is ok and reports the direct route.
+    """Wait until `base_url`/healthz is ok and, with `direct`, reports the
+    direct route.
 
     After `serve.run` returns (or /healthz first answers), HAProxy still
     sends new connections through Serve's fallback proxy until its first
@@ -103,7 +105,7 @@ def wait_for_direct_route(
     import urllib.request
 
     want = {ROUTE_DIRECT}
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+    if not direct or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         want.add(ROUTE_PROXY)
     deadline = time.monotonic() + timeout_s
     while True:

@@ -103,7 +103,7 @@ def server():
     import ray
     from ray import serve
 
-    from serve_app.serve_env import start_local_serve, wait_for_direct_route
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
     port = start_local_serve(num_cpus=2, object_store_memory=400 * 2**20)
     from serve_app.app import build_app
@@ -112,7 +112,7 @@ def server():
     serve.run(build_app(), name="diglett", route_prefix="/")
     startup_s = time.monotonic() - t0
     # As clients of `diglett serve` find it: HAProxy routing to the ingress.
-    assert wait_for_direct_route(f"http://127.0.0.1:{port}")
+    assert wait_until_healthy(f"http://127.0.0.1:{port}")
     yield {
         "http": f"http://127.0.0.1:{port}",
         "ws": f"ws://127.0.0.1:{port}/v1/stream",

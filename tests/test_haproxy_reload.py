@@ -57,7 +57,7 @@ def local_serve():
     import ray
     from ray import serve
 
-    from serve_app.serve_env import start_local_serve, wait_for_direct_route
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
     saved = {k: os.environ.get(k) for k in (*OWN_ENV, *SERVE_DEFAULTS)}
     for key in SERVE_DEFAULTS:
@@ -71,7 +71,7 @@ def local_serve():
         from serve_app.app import build_app
 
         serve.run(build_app(), name="diglett", route_prefix="/")
-        assert wait_for_direct_route(f"http://127.0.0.1:{port}")
+        assert wait_until_healthy(f"http://127.0.0.1:{port}")
         yield port
     finally:
         serve.shutdown()
