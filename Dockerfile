@@ -25,11 +25,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The RAY_SERVE_ variables: serve_app/serve_env.py, for `ray start` in
 # this image on cluster nodes (`diglett serve` sets them itself).
 
-# libsndfile for soundfile; curl for the HEALTHCHECK; tini reaps Ray's children.
+# libsndfile for soundfile; curl for the HEALTHCHECK; tini reaps Ray's children;
+# g++ builds the compiled int8 model for the CPU a container runs on, once,
+# in the background (diglett/compiled_int8.py; without it: the traced model).
 # Unpinned on purpose: Debian stable only ships security fixes for these.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libsndfile1 curl tini \
+ && apt-get install -y --no-install-recommends libsndfile1 curl tini g++ \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 diglett \

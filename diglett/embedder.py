@@ -86,6 +86,10 @@ class Embedder:
         # torch.compile'd code is not thread-safe (pytorch/pytorch#118260):
         # with it, model threads enqueue their kernels one at a time.
         self._compiled_lock = threading.Lock()
+        # On a CPU with int8: "traced" or "compiled" (use_compiled_int8).
+        self.cpu_int8 = "traced" if self.precision == "int8" else ""
+        self.cpu_int8_package: Path | None = None  # this machine's compiled one
+        self.cpu_int8_build = None  # its background build, if this one started it
 
     def set_batch_shapes(self, shapes: tuple[int, ...]) -> None:
         """Pad each batch to the next of `shapes` and run at most the largest
@@ -145,6 +149,51 @@ class Embedder:
 
             encoder.mods.embedding_model = quantize_int8(encoder.mods.embedding_model)
         return cls(encoder, dev, cpu_precision=cpu_precision)
+
+    def use_compiled_int8(
+        self, model_dir: Path, cache_dir: str | Path, threads: int
+    ) -> str:
+        """Run this machine's compiled int8 package (diglett/compiled_int8.py)
+        if one is built for `threads` torch threads; otherwise start its
+        build in the background (`cpu_int8_build`), for `adopt_compiled_int8`
+        once it is done. Returns what runs now: "compiled" or "traced"."""
+        from diglett import compiled_int8
+
+        if self.device != "cpu" or self.precision != "int8":
+            raise ValueError("only a CPU int8 model has a compiled form")
+        package = self.cpu_int8_package = compiled_int8.package_path(cache_dir, threads)
+        if not self.adopt_compiled_int8():
+            try:  # our cache's, unusable: build anew
+                package.unlink(missing_ok=True)
+                compiled_int8.runner_path(package).unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: start_build says so
+            self.cpu_int8_build = compiled_int8.start_build(model_dir, package, threads)
+        return self.cpu_int8
+
+    def adopt_compiled_int8(self) -> bool:
+        """Swap in the compiled package if it is built and loads; True if
+        it runs now. Call it from the thread that runs the batches.
+
+        A replica that built it swaps during its life: windows embedded
+        after the swap move by cosine ~0.995 against those before (its
+        sessions' enrollments), less than the traced model's batch
+        neighbours move them.
+        """
+        from diglett import compiled_int8
+
+        if self.cpu_int8 == "compiled":
+            return True
+        package = self.cpu_int8_package
+        if package is None or not package.exists():
+            return False
+        mods = self.encoder.mods
+        compiled = compiled_int8.load(package, mods.embedding_model)
+        if compiled is None:
+            return False
+        mods.embedding_model = compiled
+        self.cpu_int8 = "compiled"
+        return True
 
     def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
         """Raw (not length-normalised) embeddings, shape (192,) each, in order.

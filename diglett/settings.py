@@ -74,6 +74,13 @@ class Settings:
     # windows/s of fp32 at one thread, embeddings at cosine 0.996 of float32,
     # 98.3 % vs 98.0 % of frames right; README "Accuracy"); "fp32": exact.
     cpu_precision: str = "int8"
+    # 1: with int8, a CPU replica runs this machine's int8 model compiled
+    # ahead of time (torchao + AOTInductor, diglett/compiled_int8.py: 1.2-1.3x
+    # the traced model's windows/s, a window's embedding independent of its
+    # batch) once it is built: the first replica on a machine serves the
+    # traced model and builds it in the background (a C++ compiler, ~2 min
+    # of idle CPU, once per machine), later ones load it. 0: traced only.
+    cpu_compile: int = 1
     # Niceness of the serving processes we start (SessionActors, the ingress,
     # the batchers; diglett/priority.py) so that a CPU embedding replica's
     # torch thread, the bottleneck, runs first when both are ready. 0: off.
@@ -161,6 +168,8 @@ class Settings:
         if self.batch_size < 0:
             raise ValueError("DIGLETT_BATCH_SIZE must be 0 (auto) or more")
         self.parsed_batch_shapes()
+        if self.cpu_compile not in (0, 1):
+            raise ValueError("DIGLETT_CPU_COMPILE must be 0 or 1")
         if self.gpu_compile not in (0, 1):
             raise ValueError("DIGLETT_GPU_COMPILE must be 0 or 1")
         if not 1 <= self.gpu_streams <= 4:

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from ray import serve
@@ -119,7 +120,17 @@ class EmbeddingDeployment:
         if self.embedder.device == "cpu":
             import torch
 
-            torch.set_num_threads(settings.torch_threads or default_torch_threads())
+            threads = settings.torch_threads or default_torch_threads()
+            torch.set_num_threads(threads)
+            if self.model_dir and settings.cpu_precision == "int8":
+                if settings.cpu_compile:
+                    try:
+                        self.embedder.use_compiled_int8(
+                            Path(self.model_dir), settings.cache_dir, threads
+                        )
+                    except Exception as exc:  # a speed-up, never a failure
+                        logger.warning("compiled int8 model not used: %r", exc)
+                logger.info("int8 model: %s", self.embedder.cpu_int8)
         elif self._on_gpu:
             # torch here, not at module level: a deployment class that
             # touches torch.backends at import fails to pickle.
@@ -147,6 +158,10 @@ class EmbeddingDeployment:
             streams, thread_name_prefix="diglett-model"
         )
         self._model_tids = _thread_ids(self._model_thread, streams)
+        if getattr(self.embedder, "cpu_int8_build", None) is not None:
+            threading.Thread(
+                target=self._adopt_when_built, name="diglett-int8-build", daemon=True
+            ).start()
         lower_cpu_priority(settings.serving_nice, keep=set(self._model_tids))
         self._default_batch_size = settings.batch_size or (
             GPU_BATCH_SIZE if self._on_gpu else CPU_BATCH_SIZE
@@ -162,6 +177,21 @@ class EmbeddingDeployment:
         logger.info(
             "embedding replica ready on %s in %.1f s", self.embedder.device, self.load_s
         )
+
+    def _adopt_when_built(self) -> None:
+        """Wait for the compiled int8 build this replica started, then run
+        the compiled model from the next batch on (swapped in the model
+        thread, between batches)."""
+        rc = self.embedder.cpu_int8_build.wait()
+        try:
+            adopted = self._model_thread.submit(self.embedder.adopt_compiled_int8)
+        except RuntimeError:  # the replica is shutting down
+            return
+        if adopted.result():
+            logger.info("int8 model: compiled (built in the background)")
+        else:
+            log = self.embedder.cpu_int8_package.with_suffix(".log")
+            logger.warning("int8 model: still traced; its build ended %s (%s)", rc, log)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: {"batch_size": int, "batch_wait_s": float}."""
@@ -253,6 +283,8 @@ class EmbeddingDeployment:
             "torch_threads": _torch_threads(),
             "model_threads": len(self._model_tids),
             "precision": self.embedder.precision,
+            # "compiled" or "traced" (int8 on a CPU; diglett/compiled_int8.py)
+            "cpu_int8": getattr(self.embedder, "cpu_int8", ""),
             "batch_shapes": list(self._batch_shapes),
             "compiled": self.embedder.compiled,
             "warm_up_s": round(self.warm_up_s, 2),

@@ -593,6 +593,8 @@ def test_cpu_replica_threads_and_int8(server):
             os.environ.get("DIGLETT_TORCH_THREADS") or max(1, cores - 1)
         )
         assert info["precision"] == os.environ.get("DIGLETT_CPU_PRECISION", "int8")
+        if info["precision"] == "int8" and os.environ["DIGLETT_CPU_COMPILE"] == "0":
+            assert info["cpu_int8"] == "traced"  # see conftest
 
 
 def test_serving_processes_yield_the_cpu_to_the_model(server):
