@@ -67,18 +67,20 @@ def _cpu_flags() -> str:
 
 
 def machine_key(threads: int) -> str:
-    """What a package depends on, hashed: versions, the CPU, the threads
-    its parallel loops were generated for."""
-    import torchao
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    """What a package depends on, hashed: versions, the runner's source, the
+    CPU (its flags decide the instruction set the code is generated for),
+    the threads its parallel loops were generated for. Cheap on purpose:
+    every CPU replica computes it at start (Inductor's own instruction-set
+    probe compiles test programs, 12-14 s here)."""
+    from importlib.metadata import version
 
     parts = {
         "format": FORMAT,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchao": torchao.__version__,
+        "torchao": version("torchao"),
+        "runner": hashlib.sha256(RUNNER_SOURCE.read_bytes()).hexdigest(),
         "machine": platform.machine(),
-        "isa": str(pick_vec_isa()),
         "cpu_flags": _cpu_flags(),
         "threads": threads,
     }
@@ -268,7 +270,7 @@ def start_build(
 ) -> subprocess.Popen | None:
     """Build `package` in the background unless it exists, failed before,
     or no C++ compiler is found; returns the process, or None. The process
-    ends with this one (Linux) and runs at niceness 19; a second one for
+    ends soon after this one and runs at niceness 19; a second one for
     the same package waits for the first one's result (a lock)."""
     if package.exists():
         return None
@@ -314,17 +316,21 @@ def start_build(
 
 
 def _die_with_parent_at_lowest_priority(parent: int) -> None:
-    """SIGKILL this process when `parent` dies (Linux), and nice 19. Done
-    here, not between fork and exec: the replica has many threads."""
-    import ctypes
-    import signal
+    """End this process soon after process `parent` ends, and run at
+    niceness 19. A watcher thread, not PR_SET_PDEATHSIG: that signal follows
+    the parent's *thread* that started us, and a replica's constructor may
+    run in a thread that ends before the replica does."""
+    import threading
+    import time
 
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if parent and os.getppid() != parent:
-        sys.exit(0)  # it died before the line above
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)  # orphaned: nobody will load what we build
+
+    if os.getppid() != parent:
+        sys.exit(0)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     os.nice(19 - os.nice(0))
 
 
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if failed_note(args.out).exists():
             return 1
+        for stale in args.out.parent.glob(f"{args.out.stem}.part*"):
+            stale.unlink(missing_ok=True)  # of a build that was cut short
         try:
             build(args.model_dir, args.out, args.threads)
         except Exception as exc:

@@ -129,6 +129,34 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+@needs_model
+@needs_compiler
+def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
+    """A replica that dies mid-build leaves no build running (nobody would
+    load what it makes)."""
+    import subprocess
+    import time
+
+    import psutil
+
+    pkg = package_path(tmp_path, 1)
+    code = (
+        "import time; from pathlib import Path; "
+        "from diglett.compiled_int8 import start_build; "
+        f"p = start_build(Path({str(model_dir())!r}), Path({str(pkg)!r}), 1); "
+        "print(p.pid, flush=True); time.sleep(10)"  # the build has begun
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    child = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie":
+        assert time.monotonic() < deadline, "the build outlived its parent"
+        time.sleep(0.2)
+    assert not pkg.exists() and not compiled_int8.failed_note(pkg).exists()
+
+
 APP = "compiled-int8"
 
 
