@@ -296,6 +296,7 @@ class Ingress:
             dep.name,
         )
         self.active = 0
+        metrics.set_active(0)  # exported from the start, not from a first session
         # Started, idle SessionActors: (actor, session id, resume token).
         self._pool: list[tuple] = []
         self._pool_task: asyncio.Task | None = None

@@ -7,6 +7,12 @@ lazily in the process that records them and recording never raises: a
 metrics failure must not fail a session. Ray 2.60 exports histogram `_sum`s
 from bucket midpoints (approximate); buckets and `_count` are exact.
 
+Ray 2.60 also drops a gauge series that was not set again within two export
+intervals (~20 s; ray-project/ray#64633): a gauge set once, as ours was on
+each session's open and close, vanished from the scrape ~25 s later
+(measured), so a server with steady sessions showed none. The session
+gauge is therefore set again every `GAUGE_REFRESH_S` by a thread.
+
     diglett_sessions_active            gauge      open WebSockets, per ingress replica
     diglett_sessions_total             counter    sessions opened (tag: kind=new|resume)
     diglett_windows_embedded_total     counter    windows through the model
@@ -21,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 logger = logging.getLogger("diglett.metrics")
 
@@ -28,8 +35,13 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 EMBED_S_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 LATENCY_S_BOUNDARIES = [0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0]
 
+# Under Ray's export interval (10 s), so every interval carries a fresh value.
+GAUGE_REFRESH_S = 5.0
+
 _lock = threading.Lock()
 _metrics: dict = {}
+_active: int | None = None  # the last session count set, for the refresher
+_refresher: threading.Thread | None = None
 _disabled = os.environ.get("DIGLETT_METRICS", "1") == "0"
 
 
@@ -98,8 +110,26 @@ def _safe(fn) -> None:
 
 
 def set_active(n: int) -> None:
+    """The ingress's open sessions; kept exported until the next call."""
+    global _active, _refresher
+    _active = n
     if m := _get("sessions_active"):
         _safe(lambda: m.set(n))
+        with _lock:
+            if _refresher is None:
+                _refresher = threading.Thread(
+                    target=_refresh_gauges, name="diglett-gauges", daemon=True
+                )
+                _refresher.start()
+
+
+def _refresh_gauges() -> None:
+    """Set the session gauge again every GAUGE_REFRESH_S (see the top)."""
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        n, m = _active, _get("sessions_active")
+        if m and n is not None:
+            _safe(lambda: m.set(n))
 
 
 def session_opened(resumed: bool) -> None:

@@ -40,6 +40,30 @@ def test_metrics_never_raise_outside_ray():
     metrics.error("internal")
 
 
+def test_the_session_gauge_is_set_again_until_it_changes(monkeypatch):
+    """Ray drops a gauge not set again within ~20 s; ours is refreshed."""
+    import time
+
+    class Gauge:
+        def __init__(self) -> None:
+            self.values: list[int] = []
+
+        def set(self, n: int) -> None:
+            self.values.append(n)
+
+    gauge = Gauge()
+    monkeypatch.setattr(metrics, "GAUGE_REFRESH_S", 0.05)
+    monkeypatch.setattr(metrics, "_refresher", None)
+    monkeypatch.setattr(metrics, "_get", lambda name: gauge)
+    metrics.set_active(3)
+    time.sleep(0.5)
+    assert gauge.values[0] == 3 and gauge.values.count(3) >= 4, gauge.values
+    metrics.set_active(1)
+    time.sleep(0.3)
+    assert gauge.values[-1] == 1 and gauge.values.count(1) >= 3, gauge.values
+    assert metrics._refresher is not None  # one thread, however many calls
+
+
 def test_metric_names_are_prometheus_safe():
     import re
 
