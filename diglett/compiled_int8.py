@@ -255,9 +255,7 @@ class CompiledEcapa(torch.nn.Module):
 
 def load(package: Path, fallback: torch.nn.Module) -> CompiledEcapa | None:
     """The package as a module, or None (logged) if it cannot be used."""
-    try:
-        import torchao  # noqa: F401  (registers the ops the package calls)
-
+    try:  # (no torchao import: the package's code needs none of its ops)
         runner = _import_runner(runner_path(package)).Runner(str(package))
     except Exception as exc:
         logger.warning("compiled model %s not usable (%r); traced model", package, exc)
@@ -328,10 +326,12 @@ def _die_with_parent_at_lowest_priority(parent: int) -> None:
             time.sleep(1.0)
         os._exit(0)  # orphaned: nobody will load what we build
 
+    from diglett.priority import lower_cpu_priority
+
     if os.getppid() != parent:
         sys.exit(0)
+    lower_cpu_priority(19)  # every thread, and those started later inherit it
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    os.nice(19 - os.nice(0))
 
 
 def main(argv: list[str] | None = None) -> int:
