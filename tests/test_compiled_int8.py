@@ -244,36 +244,21 @@ def test_compiled_embeds_close_to_float32_and_alone_as_in_a_batch(built):
 def test_a_replica_labels_right_on_the_model_it_built(built, server):
     """The replica that built the package and swapped it in labels a
     WebSocket session right."""
-    from websockets.sync.client import connect
-
-    from conftest import API_TOKEN, to_s16
+    from test_serve_e2e import drain, enroll, open_ws, recv, send_audio
 
     _, _, prefix = built
     u = utterances()
     a, b = load16(u["LS-19"][0]), load16(u["LS-26"][0])
     url = server["ws"].replace("/v1/stream", f"{prefix}/v1/stream")
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
-
-    def send(ws, x: np.ndarray) -> None:
-        for i in range(0, x.size, 4000):
-            ws.send(to_s16(x[i : i + 4000]))
-
-    with connect(url, additional_headers=headers, open_timeout=30) as ws:
-        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+    with open_ws({"ws": url}) as ws:
+        assert recv(ws)["type"] == "ready"
         for name, x in (("alice", a[: 5 * 16000]), ("bob", b[: 5 * 16000])):
-            ws.send(json.dumps({"type": "enroll", "speaker": name}))
-            send(ws, x)
-            ws.send(json.dumps({"type": "enroll_end"}))
-            assert json.loads(ws.recv(timeout=60))["type"] == "enrolled"
+            assert enroll(ws, name, x)["type"] == "enrolled"
         ws.send(json.dumps({"type": "stream"}))
-        send(ws, load16(u["LS-19"][3])[: 4 * 16000])
+        send_audio(ws, load16(u["LS-19"][3])[: 4 * 16000])
         ws.send(json.dumps({"type": "end"}))
-        labels = []
-        while True:
-            m = json.loads(ws.recv(timeout=60))
-            if m["type"] == "summary":
-                break
-            labels.append(m["label"])
+        msgs, _ = drain(ws)
+    labels = [m["label"] for m in msgs if m["type"] == "label"]
     speech = [x for x in labels[2:] if x != "silence"]
     assert len(speech) >= 4 and speech.count("alice") >= len(speech) - 1, labels
 
