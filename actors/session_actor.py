@@ -141,30 +141,34 @@ class SessionActor:
         jobs = self.engine.jobs(actions)
         embeddings = []
         if jobs:
+            enrolling = any(isinstance(j, (EnrollJob, EnrollWindowJob)) for j in jobs)
+            timeout = ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S
             try:
-                enrolling = any(
-                    isinstance(j, (EnrollJob, EnrollWindowJob)) for j in jobs
-                )
                 embeddings = await self._embed(
-                    [to_int16(j.audio) for j in jobs],
-                    ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S,
+                    [to_int16(j.audio) for j in jobs], timeout
+                )
+            except TimeoutError as exc:  # alive, but too busy (or stalled)
+                return self._embedding_failed(
+                    exc,
+                    "overloaded",
+                    f"the embedding service did not answer within {timeout:g} s",
                 )
             except Exception as exc:  # the embedding tier failed twice
-                logger.error("session %s: embedding failed: %r", self.session_id, exc)
-                self.engine.state = "closed"
-                return (
-                    [
-                        error(
-                            "internal",
-                            "the embedding service failed; "
-                            "reconnect with resume_token to continue",
-                        )
-                    ],
-                    CLOSE_CODES["internal"],
-                    HoldRule(),
+                return self._embedding_failed(
+                    exc, "internal", "the embedding service failed"
                 )
         messages, close = self.engine.finish(actions, embeddings)
         return messages, close, self.engine.hold_rule()
+
+    def _embedding_failed(
+        self, exc: Exception, code: str, what: str
+    ) -> tuple[list[dict], int, HoldRule]:
+        """End this connection with `code`; the session (its enrollments)
+        stays for a resume, as after any drop."""
+        logger.error("session %s: embedding failed: %r", self.session_id, exc)
+        self.engine.state = "closed"
+        message = f"{what}; reconnect with resume_token to continue"
+        return [error(code, message)], CLOSE_CODES[code], HoldRule()
 
     async def _embed(self, signals, timeout: float):
         """Through this node's EmbedBatcher; one retry (a replica or the

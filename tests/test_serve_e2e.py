@@ -376,6 +376,52 @@ def test_internal_error_when_session_dies(server):
     assert code == 1011 and msgs[-1]["code"] == "internal"
 
 
+def test_stalled_embedding_tier_is_overloaded_and_the_session_resumes(server, voices):
+    """The embedding replica stops answering (SIGSTOP: a hung GPU, a
+    stalled node): after EMBED_TIMEOUT_S the client is told `overloaded`
+    (1013, try again later), not left waiting; once the tier answers again,
+    the session resumes with its enrollments."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from actors.session_actor import EMBED_TIMEOUT_S
+
+    handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
+    pid = handle.info.remote().result(timeout_s=30)["pid"]
+    with open_ws(server) as ws:
+        ready = recv(ws)
+        assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
+        assert enroll(ws, "bob", voices["b_enroll"])["type"] == "enrolled"
+        ws.send(json.dumps({"type": "stream"}))
+        send_audio(ws, voices["a_test"][:16000])
+        assert recv(ws)["type"] == "label"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            send_audio(ws, voices["a_test"][16000:32000])
+            msgs, code = drain(ws, timeout=EMBED_TIMEOUT_S + 30)
+            waited = time.monotonic() - t0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    errors = [m for m in msgs if m["type"] == "error"]
+    assert code == 1013 and [e["code"] for e in errors] == ["overloaded"], msgs
+    assert "resume_token" in errors[0]["message"]
+    assert EMBED_TIMEOUT_S - 1 <= waited <= EMBED_TIMEOUT_S + 10
+    q = f"session={ready['session_id']}&resume_token={ready['resume_token']}"
+    with open_ws(server, q) as ws:  # within the test server's 4 s TTL
+        assert recv(ws)["session_id"] == ready["session_id"]
+        ws.send(json.dumps({"type": "stream"}))
+        send_audio(ws, voices["b_test"][:32000])
+        ws.send(json.dumps({"type": "end"}))
+        msgs, code = drain(ws)
+    labels = [m for m in msgs if m["type"] == "label" and m["label"] != "silence"]
+    assert code == 1000 and labels
+    assert all(set(m["scores"]) == {"alice", "bob"} for m in labels)
+    assert [m["label"] for m in labels].count("bob") >= len(labels) / 2, labels
+
+
 def test_overloaded(server):
     opened = []
     try:
