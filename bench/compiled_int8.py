@@ -17,10 +17,11 @@ real speech:
   run time, static shapes (a new batch size compiles again) and dynamic.
 
 ECAPA's network only (features computed once), one torch thread, side by
-side and interleaved `--rounds` times. Prints windows/s, CPU per window,
-cosine to float32 and how far a window moves with its batch neighbours.
+side and interleaved `--rounds` times, at each batch size of `--batches`.
+Prints windows/s, CPU per window, cosine to float32 and how far a window
+moves with its batch neighbours.
 
-    .venv/bin/python bench/compiled_int8.py
+    .venv/bin/python bench/compiled_int8.py --batches 1,2,4,8,16
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def _cosines(net, feats, ref) -> tuple[float, float, float]:
     cos = torch.nn.functional.cosine_similarity
     with torch.inference_mode():
         batch = net(feats).reshape(feats.shape[0], -1)
-        alone = torch.cat([net(feats[i : i + 1]).reshape(1, -1) for i in range(4)])
+        n = min(4, feats.shape[0])
+        alone = torch.cat([net(feats[i : i + 1]).reshape(1, -1) for i in range(n)])
     c = cos(batch, ref)
-    moved = float((1 - cos(alone, batch[:4])).max())
+    moved = float((1 - cos(alone, batch[:n])).max())
     return float(c.mean()), float(c.min()), moved
 
 
@@ -80,7 +82,9 @@ def main() -> int:
     from diglett.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--batches", default="8", help="batch sizes, comma-separated: 1,2,4,8"
+    )
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
@@ -94,11 +98,13 @@ def main() -> int:
     model_dir = resolve_model_dir(settings)
     encoder = load_encoder(model_dir, "cpu")
     ecapa = encoder.mods.embedding_model.eval()
-    wavs = torch.from_numpy(np.stack(_windows(args.data, args.batch)))
-    ones = torch.ones(args.batch)
+    batches = [int(b) for b in args.batches.split(",")]
+    largest = max(batches)
+    wavs = torch.from_numpy(np.stack(_windows(args.data, largest)))
+    ones = torch.ones(largest)
     with torch.inference_mode():
         feats = encoder.mods.mean_var_norm(encoder.mods.compute_features(wavs), ones)
-        ref = ecapa(feats, ones).reshape(args.batch, -1)
+        ref = ecapa(feats, ones).reshape(largest, -1)
 
     traced = quantize_int8(copy.deepcopy(ecapa))
     package = compiled_int8.package_path(settings.cache_dir, 1)
@@ -136,16 +142,19 @@ def main() -> int:
             f"{name}: cosine to fp32 mean {mean:.4f} min {low:.4f}; "
             f"alone against in its batch: 1 - cosine up to {moved:.2e}"
         )
-    results: dict[str, list] = {}
+    # Interleaved: every round runs each batch size of each model once.
+    results: dict[tuple[str, int], list] = {}
     for _ in range(args.rounds):
-        for name, net in nets.items():
-            results.setdefault(name, []).append(_rate(net, feats, args.seconds))
-    for name, runs in results.items():
+        for batch in batches:
+            for name, net in nets.items():
+                rate = _rate(net, feats[:batch], args.seconds)
+                results.setdefault((name, batch), []).append(rate)
+    for (name, batch), runs in results.items():
         print(
             json.dumps(
                 {
                     "model": name,
-                    "batch": args.batch,
+                    "batch": batch,
                     "windows_per_s": round(float(np.median([r for r, _ in runs])), 1),
                     "cpu_ms_per_window": round(
                         float(np.median([c for _, c in runs])), 1
@@ -154,11 +163,12 @@ def main() -> int:
             ),
             flush=True,
         )
-    base = np.median([r for r, _ in results["traced"]])
-    for name in nets:
-        if name != "traced":
-            ratio = np.median([r for r, _ in results[name]]) / base
-            print(f"{name} / traced, windows/s: {ratio:.2f}x")
+    for batch in batches:
+        base = np.median([r for r, _ in results[("traced", batch)]])
+        for name in nets:
+            if name != "traced":
+                ratio = np.median([r for r, _ in results[(name, batch)]]) / base
+                print(f"batch {batch}: {name} / traced, windows/s: {ratio:.2f}x")
     return 0
 
 
