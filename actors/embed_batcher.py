@@ -10,7 +10,10 @@ this actor holds a handle.
 
 Batching adds no wait at low load: a request goes out at once while fewer
 than `MAX_IN_FLIGHT` are out; windows that arrive meanwhile go together in
-the next one, as soon as one comes back.
+the next one, as soon as one comes back. Enrollment windows take a lane of
+their own (`diglett/lanes.py`): live windows go first, and at most
+`bulk_windows` enrollment windows are out at once, so sessions that start
+together do not hold back the labels of those already streaming.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 
 import ray
+
+from diglett.lanes import Lanes, Request, bulk_windows
 
 logger = logging.getLogger("diglett.batcher")
 
@@ -39,46 +43,66 @@ def batcher_name(app_name: str, node_id: str) -> str:
 class EmbedBatcher:
     """Forwards the windows of many callers to the embedding tier, merged."""
 
-    def __init__(self, app_name: str, deployment_name: str, niceness: int = 0) -> None:
+    def __init__(
+        self,
+        app_name: str,
+        deployment_name: str,
+        niceness: int = 0,
+        enroll_in_flight: int = 0,
+    ) -> None:
+        """`enroll_in_flight`: Settings.enroll_in_flight (enrollment windows
+        out at once; 0 auto, -1 one lane, first come, first served)."""
         from ray import serve
 
         from diglett.priority import lower_cpu_priority
 
         lower_cpu_priority(niceness)  # see Settings.serving_nice
         self.handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
-        # A deque: a node's sessions queue here one call each while all
-        # requests are out (hundreds at GPU scale), and leave from the front.
-        self._pending: deque[tuple[list, asyncio.Future]] = deque()
-        self._in_flight = 0
+        # A node's sessions queue here one call each while all requests are
+        # out (hundreds at GPU scale).
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self._lanes = Lanes(
+            MAX_IN_FLIGHT, MAX_WINDOWS, bulk_windows(enroll_in_flight, gpus)
+        )
         self._last_call = time.monotonic()
         self._watchdog: asyncio.Task | None = None
 
-    async def embed(self, signals: list) -> list:
-        """Embeddings of one caller's signals, in order (same as the deployment)."""
+    async def embed(self, signals: list, live: bool = True) -> list:
+        """Embeddings of one caller's signals, in order (same as the
+        deployment). `live`: a stream's windows; False: an enrollment's."""
         loop = asyncio.get_running_loop()
         self._last_call = time.monotonic()
         if self._watchdog is None:
             self._watchdog = loop.create_task(self._exit_when_idle())
         if not signals:
             return []
-        fut = loop.create_future()
-        self._pending.append((signals, fut))
+        parts = (
+            [slice(0, len(signals))] if live else self._lanes.bulk_chunks(len(signals))
+        )
+        futs = []
+        for part in parts:
+            fut = loop.create_future()
+            self._lanes.push((signals[part], fut), part.stop - part.start, live)
+            futs.append(fut)
         self._send_more()
-        return await fut
+        try:
+            results = await asyncio.gather(*futs)
+        finally:  # a caller that timed out: its parts not yet sent stay unsent
+            for fut in futs:
+                fut.cancel()
+        return [e for embs in results for e in embs]
 
     def _send_more(self) -> None:
-        while self._pending and self._in_flight < MAX_IN_FLIGHT:
-            batch, n = [], 0
-            while self._pending and (
-                not batch or n + len(self._pending[0][0]) <= MAX_WINDOWS
-            ):
-                item = self._pending.popleft()
-                batch.append(item)
-                n += len(item[0])
-            self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._send(batch))
+        loop = asyncio.get_running_loop()
+        while (req := self._lanes.next_request()) is not None:
+            loop.create_task(self._send(req))
 
-    async def _send(self, batch: list[tuple[list, asyncio.Future]]) -> None:
+    async def _send(self, req: Request) -> None:
+        batch = [item for item in req.items if not item[1].done()]
+        if not batch:  # every caller of it is gone
+            self._lanes.done(req)
+            self._send_more()
+            return
         flat = [s for signals, _ in batch for s in signals]
         try:
             embs = await self.handle.embed.remote(flat)
@@ -93,24 +117,29 @@ class EmbedBatcher:
                     fut.set_result(embs[k : k + len(signals)])
                 k += len(signals)
         finally:
-            self._in_flight -= 1
+            self._lanes.done(req)
             self._send_more()
 
     async def _exit_when_idle(self) -> None:
         while True:
             await asyncio.sleep(IDLE_EXIT_S / 10)
             if (
-                not self._pending
-                and not self._in_flight
+                not self._lanes.pending()
+                and not self._lanes.in_flight
                 and time.monotonic() - self._last_call > IDLE_EXIT_S
             ):
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 def node_batcher(
-    app_name: str, deployment_name: str, namespace: str, niceness: int = 0
+    app_name: str,
+    deployment_name: str,
+    namespace: str,
+    niceness: int = 0,
+    enroll_in_flight: int = 0,
 ):
-    """This node's batcher, created by whichever session asks first."""
+    """This node's batcher, created by whichever session asks first (its
+    settings are that session's)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = ray.get_runtime_context().get_node_id()
@@ -120,4 +149,4 @@ def node_batcher(
         get_if_exists=True,
         lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(app_name, deployment_name, niceness)
+    ).remote(app_name, deployment_name, niceness, enroll_in_flight)

@@ -85,6 +85,7 @@ PRELOAD = (
     "numpy",
     "diglett.audio",
     "diglett.holdback",
+    "diglett.lanes",
     "diglett.logging_setup",
     "diglett.priority",
     "diglett.protocol",

@@ -145,7 +145,7 @@ class SessionActor:
             timeout = ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S
             try:
                 embeddings = await self._embed(
-                    [to_int16(j.audio) for j in jobs], timeout
+                    [to_int16(j.audio) for j in jobs], timeout, live=not enrolling
                 )
             except TimeoutError as exc:  # alive, but too busy (or stalled)
                 return self._embedding_failed(
@@ -170,7 +170,7 @@ class SessionActor:
         message = f"{what}; reconnect with resume_token to continue"
         return [error(code, message)], CLOSE_CODES[code], HoldRule()
 
-    async def _embed(self, signals, timeout: float):
+    async def _embed(self, signals, timeout: float, live: bool = True):
         """Through this node's EmbedBatcher; one retry (a replica or the
         batcher may have died), all within `timeout` s."""
         last: Exception | None = None
@@ -181,9 +181,12 @@ class SessionActor:
                 break
             if self._batcher is None:
                 self._batcher = node_batcher(
-                    *self.embedding, NAMESPACE, self.settings.serving_nice
+                    *self.embedding,
+                    NAMESPACE,
+                    self.settings.serving_nice,
+                    self.settings.enroll_in_flight,
                 )
-            ref = self._batcher.embed.remote(signals)
+            ref = self._batcher.embed.remote(signals, live)
             try:
                 return await asyncio.wait_for(_result(ref), left)
             except asyncio.TimeoutError:

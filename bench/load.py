@@ -11,6 +11,8 @@ windows/s, CPU and memory, and a PNG of latency against sessions.
     python bench/load.py --noop --fast --steps 8,16 --step-s 20      # serving path only
     python bench/load.py --noop --speed 50 --steps 10,20,40 --step-s 20
 
+`--burst M` adds M sessions that enroll at once while a step's sessions
+stream, and reports the streaming sessions' lag before and during it.
 `--noop` starts the server with the BENCHMARK-ONLY no-op embedder
 (`DIGLETT_EMBEDDER=noop`); `--fast` sends audio as fast as the server takes
 it (1 s frames) instead of in real time, and `--speed X` at X times real time
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
 HELD_MS = 500.0  # a label later than this (p95) means the session is not held
 WARMUP_S = 10.0  # labels of a stream's first seconds of audio are not timed
+BURST_SPAN_S = 10.0  # --burst: lags compared over this long before and after
 
 
 @dataclass
@@ -52,6 +55,7 @@ class SessionResult:
     windows: int = 0  # labels that needed an embedding
     labels: int = 0
     error: str = ""
+    enroll_s: float = 0.0  # from its first enroll message to its last `enrolled`
     stream_t: float = 0.0  # when its first stream frame was sent (monotonic)
     last_label_t: float = 0.0
     # (receive time, lag ms or None) of each label that needed an embedding
@@ -117,9 +121,11 @@ async def _session(
             if ready["type"] != "ready":
                 res.error = ready.get("code", "refused")
                 return res
+            t_enroll = time.monotonic()
             res.error = await enroll_all(ws, enrolls)
             if res.error:
                 return res
+            res.enroll_s = time.monotonic() - t_enroll
             await ws.send(json.dumps({"type": "stream"}))
 
             async def reader():
@@ -284,6 +290,63 @@ async def _steady(
     }
 
 
+async def _enroll_only(url: str, headers: dict, enrolls) -> float:
+    """A session that connects, enrolls its two speakers and leaves; the
+    seconds its enrollments took (nan when one failed)."""
+    import websockets
+
+    async with websockets.connect(
+        url, additional_headers=headers, max_size=2**24, open_timeout=60
+    ) as ws:
+        if json.loads(await ws.recv())["type"] != "ready":
+            return float("nan")
+        t0 = time.monotonic()
+        if await enroll_all(ws, enrolls):
+            return float("nan")
+        return time.monotonic() - t0
+
+
+async def _burst(
+    args, url: str, headers: dict, enrolls, results: list[SessionResult]
+) -> dict:
+    """`args.burst` new sessions enroll at once, `args.burst_at` s after the
+    step's sessions all stream: the streaming sessions' lag in the
+    `BURST_SPAN_S` before and after it starts (what a newcomer's enrollment
+    costs those already live), and how long the newcomers' enrollments took."""
+    for _ in range(600):
+        if all(r.stream_t or r.error for r in results):
+            break
+        await asyncio.sleep(0.1)
+    started = [r.stream_t for r in results if r.stream_t]
+    if not started:
+        return {}
+    t_burst = max(started) + args.burst_at
+    await asyncio.sleep(max(0.0, t_burst - time.monotonic()))
+    took = await asyncio.gather(
+        *[_enroll_only(url, headers, enrolls) for _ in range(args.burst)]
+    )
+    await asyncio.sleep(max(0.0, t_burst + BURST_SPAN_S - time.monotonic()))
+
+    def lags(t_a: float, t_b: float) -> list[float]:
+        return [
+            g
+            for r in results
+            for t, g in r.window_times
+            if t_a <= t < t_b and g is not None
+        ] or [float("nan")]
+
+    before = lags(t_burst - BURST_SPAN_S, t_burst)
+    during = lags(t_burst, t_burst + BURST_SPAN_S)
+    return {
+        "sessions": args.burst,
+        "enroll_s_p50": round(float(np.nanpercentile(took, 50)), 2),
+        "enroll_s_max": round(float(np.nanmax(took)), 2),
+        "lag_p95_before": round(float(np.percentile(before, 95)), 1),
+        "lag_p95_during": round(float(np.percentile(during, 95)), 1),
+        "lag_max_during": round(float(np.max(during)), 1),
+    }
+
+
 def _stream_rate(results: list[SessionResult]) -> float:
     streamed = [r for r in results if r.stream_t and r.last_label_t > r.stream_t]
     if not streamed:
@@ -302,6 +365,11 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     t0 = time.monotonic()
     results = [SessionResult() for _ in range(n)]
     steady = asyncio.create_task(_steady(results, args.step_s))
+    burst = (
+        asyncio.create_task(_burst(args, url, headers, enrolls, results))
+        if args.burst
+        else None
+    )
     await asyncio.gather(
         *[
             _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, speed, r)
@@ -317,6 +385,7 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
     windows = max(1, sum(r.windows for r in results))
     lat = np.array([v for r in results for v in r.latency_ms] or [np.nan])
     lag = np.array([v for r in results for v in r.lag_ms] or [np.nan])
+    enroll = np.array([r.enroll_s for r in results if r.enroll_s] or [np.nan])
     held = sum(
         1
         for r in results
@@ -338,6 +407,10 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         "latency_p99": round(float(np.nanpercentile(lat, 99)), 1),
         "lag_p50": round(float(np.nanpercentile(lag, 50)), 1),
         "lag_p95": round(float(np.nanpercentile(lag, 95)), 1),
+        # Sessions enroll together at the start of a step: how long their
+        # two enrollments took (enrollment windows yield to live ones).
+        "enroll_s_p50": round(float(np.nanpercentile(enroll, 50)), 2),
+        "enroll_s_max": round(float(np.nanmax(enroll)), 2),
         "cpu_percent": cpu,
         "server_cpu_ms_per_window": round(server_cpu * 1e3 / windows, 3),
         # Where the server's CPU went, ms per window, and the load generator's.
@@ -350,6 +423,8 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         ),
         "ray_uss_mb": round(_ray_memory_mb(), 1),
     }
+    if burst is not None:
+        row["burst"] = await burst
     print(json.dumps(row), flush=True)
     return row
 
@@ -430,6 +505,18 @@ def main() -> int:
     ap.add_argument("--noop", action="store_true", help="benchmark-only no-op model")
     ap.add_argument("--fast", action="store_true", help="send as fast as possible")
     ap.add_argument("--speed", type=float, default=1.0, help="x real time")
+    ap.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="this many more sessions enroll at once while the step streams",
+    )
+    ap.add_argument(
+        "--burst-at",
+        type=float,
+        default=10.0,
+        help="seconds after every session of the step streams",
+    )
     ap.add_argument("--data", type=Path, default=SPEAKERS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument(

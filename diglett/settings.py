@@ -81,6 +81,12 @@ class Settings:
     # traced model and builds it in the background (a C++ compiler, ~2 min
     # of idle CPU, once per machine), later ones load it. 0: traced only.
     cpu_compile: int = 1
+    # Enrollment windows each node's EmbedBatcher keeps out at once; a
+    # stream's windows go first (diglett/lanes.py), so sessions that start
+    # together do not hold back the labels of those already streaming.
+    # 0: auto (8 without a GPU in the cluster, ~0.2 s of a CPU replica's
+    # model time; 512 with one); -1: one first-come, first-served queue.
+    enroll_in_flight: int = 0
     # Niceness of the serving processes we start (SessionActors, the ingress,
     # the batchers; diglett/priority.py) so that a CPU embedding replica's
     # torch thread, the bottleneck, runs first when both are ready. 0: off.
@@ -178,6 +184,8 @@ class Settings:
             raise ValueError("DIGLETT_SESSION_STRATEGY must be SPREAD or DEFAULT")
         if self.cpu_precision not in CPU_PRECISIONS:
             raise ValueError("DIGLETT_CPU_PRECISION must be int8 or fp32")
+        if self.enroll_in_flight < -1:
+            raise ValueError("DIGLETT_ENROLL_IN_FLIGHT must be -1, 0 (auto) or more")
         if not 0 <= self.serving_nice <= 19:
             raise ValueError("DIGLETT_SERVING_NICE must lie in [0, 19]")
         if self.session_fork not in (0, 1):

@@ -74,3 +74,33 @@ def test_a_failed_request_fails_its_callers_only(recorder):
     assert float(ray.get(batcher.embed.remote(good))[0][0]) == 1.0
     assert ray.get(batcher.embed.remote([])) == []
     ray.kill(batcher)
+
+
+def test_live_windows_pass_an_enrollment_burst(recorder):
+    """Enrollment windows go out `enroll_in_flight` at a time; a stream's
+    windows sent after them come back first. The enrollment's caller still
+    gets all its embeddings, in order."""
+    batcher = EmbedBatcher.remote(APP, "Recorder", 0, 4)
+    ray.get(batcher.embed.remote([np.ones(4, np.float32)]))  # started
+    before = len(recorder.sizes_seen.remote().result(timeout_s=30))
+    burst = [np.full(4, k + 1, np.float32) for k in range(40)]
+    enroll = batcher.embed.remote(burst, False)  # 10 requests, one at a time
+    live = [batcher.embed.remote([np.full(4, 1000 + i, np.float32)]) for i in range(3)]
+    assert [float(e[0][0]) for e in ray.get(live, timeout=30)] == [1000, 1001, 1002]
+    ready, _ = ray.wait([enroll], timeout=0)
+    assert not ready  # >= 10 x 50 ms to go
+    assert [float(e[0]) for e in ray.get(enroll, timeout=30)] == list(range(1, 41))
+    sizes = recorder.sizes_seen.remote().result(timeout_s=30)[before:]
+    assert max(sizes) <= 4 and sum(sizes) == 43, sizes
+    ray.kill(batcher)
+
+
+def test_one_lane_when_enroll_in_flight_is_minus_one(recorder):
+    batcher = EmbedBatcher.remote(APP, "Recorder", 0, -1)
+    ray.get(batcher.embed.remote([np.ones(4, np.float32)]))
+    before = len(recorder.sizes_seen.remote().result(timeout_s=30))
+    burst = [np.full(4, k + 1, np.float32) for k in range(40)]
+    got = ray.get(batcher.embed.remote(burst, False), timeout=30)
+    assert [float(e[0]) for e in got] == list(range(1, 41))
+    assert recorder.sizes_seen.remote().result(timeout_s=30)[before:] == [40]
+    ray.kill(batcher)
