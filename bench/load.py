@@ -246,6 +246,16 @@ def _ray_memory_mb() -> float:
     return total / 2**20
 
 
+async def _all_streaming(results: list[SessionResult]) -> list[float]:
+    """When each session began streaming, once every one has (or failed,
+    and never will; up to 60 s)."""
+    for _ in range(600):
+        if all(r.stream_t or r.error for r in results):
+            break
+        await asyncio.sleep(0.1)
+    return [r.stream_t for r in results if r.stream_t]
+
+
 async def _steady(
     results: list[SessionResult], step_s: float, settle_s: float = 3.0
 ) -> dict:
@@ -254,11 +264,7 @@ async def _steady(
     to just before the first one stops), so that session start-up,
     enrollment and the final drain do not count; and the lag p95 of its
     first and second half (a backlog that grows shows as a rising lag)."""
-    for _ in range(600):  # sessions that failed never stream
-        if all(r.stream_t or r.error for r in results):
-            break
-        await asyncio.sleep(0.1)
-    started = [r.stream_t for r in results if r.stream_t]
+    started = await _all_streaming(results)
     if not started:
         return {}
     t_a, t_b = max(started) + settle_s, min(started) + step_s - 0.5
@@ -313,11 +319,7 @@ async def _burst(
     step's sessions all stream: the streaming sessions' lag in the
     `BURST_SPAN_S` before and after it starts (what a newcomer's enrollment
     costs those already live), and how long the newcomers' enrollments took."""
-    for _ in range(600):
-        if all(r.stream_t or r.error for r in results):
-            break
-        await asyncio.sleep(0.1)
-    started = [r.stream_t for r in results if r.stream_t]
+    started = await _all_streaming(results)
     if not started:
         return {}
     t_burst = max(started) + args.burst_at

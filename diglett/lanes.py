@@ -68,12 +68,12 @@ class Lanes:
         lane.append((item, n))
 
     def bulk_chunks(self, n: int) -> list[slice]:
-        """How to cut a bulk caller's `n` windows into items the bulk lane
-        takes (one slice when there is no bulk lane): halves of it, so that
-        one request is computed while the next travels and the model does
-        not wait on a round trip between enrollment requests."""
-        step = max(1, self.bulk_windows // 2) if self.bulk_windows else max(n, 1)
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+        """How to cut a bulk caller's `n` >= 1 windows into items the bulk
+        lane takes (one slice when there is no bulk lane): halves of it, so
+        that one request is computed while the next travels and the model
+        does not wait on a round trip between enrollment requests."""
+        step = max(1, self.bulk_windows // 2) if self.bulk_windows else n
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
     def next_request(self) -> Request | None:
         """The next request to send, marked out; None while nothing may go.
@@ -103,9 +103,8 @@ class Lanes:
         (the first always fits a live request, and a bulk one with nothing
         out); None when even the first does not fit."""
         items, n = [], 0
-        while lane and (
-            n + lane[0][1] <= room or (not items and self._fits_alone(live))
-        ):
+        alone = live or self.bulk_out == 0  # may the first go, however big
+        while lane and (n + lane[0][1] <= room or (not items and alone)):
             item, k = lane.popleft()
             items.append(item)
             n += k
@@ -115,6 +114,3 @@ class Lanes:
         if not live:
             self.bulk_out += n
         return Request(items, n, live)
-
-    def _fits_alone(self, live: bool) -> bool:
-        return live or self.bulk_out == 0
