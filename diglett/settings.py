@@ -102,6 +102,12 @@ class Settings:
     # start (~0.5 s alone, seconds when many open at once). Each costs one
     # idle SessionActor's memory (see README, "Performance").
     session_pool: int = 8
+    # 1: a session that ends cleanly (`end`) hands its SessionActor back to
+    # the warm pool, reset, when the pool has room, instead of ending it:
+    # starting one costs ~0.75 s of CPU (0.47 s of it Ray's setup_worker.py
+    # importing Ray before our fork shim runs; README, "Performance"), a
+    # reset ~2 ms. 0: every session's actor ends with it.
+    session_recycle: int = 1
     # 1: SessionActor workers are forked by a per-node fork server that has
     # already imported Ray, numpy and the session code (actors/fork_server.py),
     # so each shares those pages: ~34 MiB of private memory a session (its
@@ -190,6 +196,8 @@ class Settings:
             raise ValueError("DIGLETT_SERVING_NICE must lie in [0, 19]")
         if self.session_fork not in (0, 1):
             raise ValueError("DIGLETT_SESSION_FORK must be 0 or 1")
+        if self.session_recycle not in (0, 1):
+            raise ValueError("DIGLETT_SESSION_RECYCLE must be 0 or 1")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
 

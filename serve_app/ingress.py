@@ -34,6 +34,7 @@ from actors.session_actor import (
     NAMESPACE,
     SessionActor,
     actor_name,
+    recycled_session_id,
 )
 from diglett import __version__, levels
 from diglett.audio import AudioError, decode_wav
@@ -57,6 +58,12 @@ BACKLOG_BYTES = 8 * 2**20
 BATCH_FRAMES = 64  # most frames sent to the SessionActor in one call
 SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloaded`
 POOL_QUIET_S = 2.0  # the pool refills once no session opened for this long
+# Recycled actors may hold the pool at up to this many times its size (the
+# keeper refills it to its size as sessions take from it, so otherwise the
+# sessions' own actors would find it full when they end); the extra ones end
+# once no session opened for POOL_TRIM_S.
+RECYCLE_POOL_FACTOR = 2
+POOL_TRIM_S = 120.0
 
 app = FastAPI(
     title="Diglett",
@@ -305,6 +312,7 @@ class Ingress:
         self._pool_wanted = asyncio.Event()
         self._sweep: asyncio.Task | None = None  # an early `_drop_dead_pooled`
         self._last_open = 0.0  # when a new session last opened
+        self._recycling: set[asyncio.Task] = set()  # see _recycle
         try:
             self._fill_pool()
         except RuntimeError:  # no event loop here: the first session fills it
@@ -422,7 +430,7 @@ class Ingress:
             token = ws.query_params.get("resume_token", "")
             try:
                 actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
-                conn = await actor.attach.remote(token)
+                conn = await actor.attach.remote(token, sid)
             except Exception:
                 conn = 0
             if not conn:
@@ -526,11 +534,50 @@ class Ingress:
         while True:
             await asyncio.sleep(KEEPALIVE_S)
             await self._drop_dead_pooled()
+            self._trim_pool()
+
+    def _trim_pool(self) -> None:
+        """End the recycled actors beyond the pool's size once sessions
+        stopped opening for POOL_TRIM_S (each holds ~34 MiB)."""
+        if time.monotonic() - self._last_open < POOL_TRIM_S:
+            return
+        while len(self._pool) > self.settings.session_pool:
+            actor, _, _ = self._pool.pop()
+            ray.kill(actor, no_restart=True)
 
     async def _drop_dead_pooled(self) -> None:
         dead = await _dead_after_warm(list(self._pool))
         # Sessions may have taken pooled actors meanwhile.
         self._pool = [e for e in self._pool if all(e is not d for d in dead)]
+
+    async def _recycle_or_end(self, actor, sid: str) -> None:
+        if not await self._recycle(actor, sid):
+            ray.kill(actor, no_restart=True)
+
+    async def _recycle(self, actor, sid: str) -> bool:
+        """Hand the actor of a session that ended cleanly to the warm pool,
+        reset as a new session (`SessionActor.recycle`), while the pool
+        holds fewer than RECYCLE_POOL_FACTOR times its size; False when it
+        is that full or the actor refused or failed (the caller then ends
+        it). Starting an actor costs ~0.75 s of CPU, most
+        of it Ray's, a reset ~2 ms (README, "Performance")."""
+        room = RECYCLE_POOL_FACTOR * self.settings.session_pool
+        if not self.settings.session_recycle or len(self._pool) >= room:
+            return False
+        new_sid, token = recycled_session_id(sid), secrets.token_urlsafe(32)
+        try:
+            conn = await asyncio.wait_for(
+                _await(actor.recycle.remote(new_sid, token)), CALL_MARGIN_S
+            )
+        except Exception as exc:
+            logger.warning("session %s: could not recycle its actor: %r", sid, exc)
+            return False
+        if conn != FIRST_CONN or len(self._pool) >= room:
+            return False
+        # First out: the next session gets the actor whose pages were just
+        # in use; the pool's oldest idle ones are at the end, to be trimmed.
+        self._pool.insert(0, (actor, new_sid, token))
+        return True
 
     async def _replace_unused(self, sid: str, token: str):
         """A new session's pooled actor died (after the pool's last
@@ -626,6 +673,7 @@ class Ingress:
         reader = asyncio.create_task(_read_frames(ws, inbox))
         keepalive = asyncio.create_task(_keepalive(actor, conn, inbox))
         ended = False
+        clean = False  # ended by the client's `end`: the actor may be recycled
         idle_s = (
             self.settings.idle_timeout_s if self.settings.idle_timeout_s > 0 else None
         )
@@ -748,7 +796,7 @@ class Ingress:
                     metrics.message_sent(msg)
                     await ws.send_text(json.dumps(msg))
                 if close is not None:
-                    ended = close == 1000
+                    ended = clean = close == 1000
                     await _close(ws, close)
                     return
         except (WebSocketDisconnect, RuntimeError, ConnectionError):
@@ -760,8 +808,15 @@ class Ingress:
             reader.cancel()
             keepalive.cancel()
             if ended:
-                ray.kill(actor, no_restart=True)
                 logger.info("session %s ended", sid, extra={"session_id": sid})
+                if clean:  # not awaited here: Serve cancels this handler
+                    task = asyncio.get_running_loop().create_task(
+                        self._recycle_or_end(actor, sid)
+                    )
+                    self._recycling.add(task)
+                    task.add_done_callback(self._recycling.discard)
+                else:
+                    ray.kill(actor, no_restart=True)
             else:
                 try:
                     await actor.detach.remote(conn)

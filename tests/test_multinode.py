@@ -35,6 +35,7 @@ from websockets.sync.client import connect
 
 from conftest import ROOT, load16, model_dir, needs_model, needs_speakers, to_s16
 from conftest import free_ports, utterances
+from actors.session_actor import actor_name
 from serve_app.serve_env import apply_serve_env
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
@@ -303,7 +304,7 @@ def test_placement(cluster, speech):
             ("diglett_embed",),
             ("diglett_session",),
         }
-        session_nodes = {node_of(placed, f"session-{s}") for s in sids}
+        session_nodes = {node_of(placed, actor_name(s)) for s in sids}
         embed_nodes = {
             n
             for n, acts in placed.items()
@@ -328,9 +329,9 @@ def test_placement(cluster, speech):
         }
         servers: dict[str, set[int]] = {}
         for sid in sids:
-            parent = psutil.Process(pids[f"session-{sid}"]).parent()
+            parent = psutil.Process(pids[actor_name(sid)]).parent()
             assert "actors.fork_server" in " ".join(parent.cmdline())
-            node = node_of(placed, f"session-{sid}")
+            node = node_of(placed, actor_name(sid))
             servers.setdefault(node, set()).add(parent.pid)
         assert all(len(p) == 1 for p in servers.values()), servers
         assert len(set.union(*servers.values())) == 2, servers
@@ -346,7 +347,7 @@ def test_session_node_lost_mid_stream(cluster, speech):
     for _ in range(10):
         ws = open_ws(cluster)
         ready = recv(ws)
-        if node_of(layout(cluster), f"session-{ready['session_id']}") == "sessions":
+        if node_of(layout(cluster), actor_name(ready["session_id"])) == "sessions":
             break
         extra.append(ws)
     else:
@@ -405,7 +406,7 @@ def stream_labels(ws, x: np.ndarray, cluster, sid: str) -> list[str]:
     for i in range(0, x.size, 4000):
         ws.send(to_s16(x[i : i + 4000]))
     msgs = [recv(ws)]
-    where = node_of(layout(cluster), f"session-{sid}")
+    where = node_of(layout(cluster), actor_name(sid))
     print(f"session {sid[:8]} now on: {where}")
     assert where == "head"
     ws.send(json.dumps({"type": "end"}))

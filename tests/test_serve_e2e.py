@@ -18,6 +18,7 @@ import soundfile as sf
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from actors.session_actor import actor_name
 from conftest import API_TOKEN, load16, needs_model, needs_speakers, to_s16, utterances
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
@@ -47,6 +48,14 @@ def send_audio(ws, x: np.ndarray, chunk_s: float = 0.25) -> None:
     n = int(chunk_s * 16000)
     for i in range(0, x.size, n):
         ws.send(to_s16(x[i : i + n]))
+
+
+def stream_and_end(ws, x: np.ndarray) -> tuple[list[dict], int | None]:
+    """Stream `x`, then `end`; all messages until the close, and its code."""
+    ws.send(json.dumps({"type": "stream"}))
+    send_audio(ws, x)
+    ws.send(json.dumps({"type": "end"}))
+    return drain(ws)
 
 
 def enroll(ws, name: str, x: np.ndarray) -> dict:
@@ -336,10 +345,7 @@ def test_resume_keeps_enrollments(server, voices):
     with open_ws(server, f"session={sid}&resume_token={token}") as ws:
         again = recv(ws)
         assert again["type"] == "ready" and again["session_id"] == sid
-        ws.send(json.dumps({"type": "stream"}))
-        send_audio(ws, voices["a_test"][:16000])
-        ws.send(json.dumps({"type": "end"}))
-        msgs, code = drain(ws)
+        msgs, code = stream_and_end(ws, voices["a_test"][:16000])
     labels = [m for m in msgs if m["type"] == "label"]
     assert len(labels) == 2 and code == 1000
     assert all("alice" in m.get("scores", {"alice": 0}) for m in labels)
@@ -412,10 +418,7 @@ def test_stalled_embedding_tier_is_overloaded_and_the_session_resumes(server, vo
     q = f"session={ready['session_id']}&resume_token={ready['resume_token']}"
     with open_ws(server, q) as ws:  # within the test server's 4 s TTL
         assert recv(ws)["session_id"] == ready["session_id"]
-        ws.send(json.dumps({"type": "stream"}))
-        send_audio(ws, voices["b_test"][:32000])
-        ws.send(json.dumps({"type": "end"}))
-        msgs, code = drain(ws)
+        msgs, code = stream_and_end(ws, voices["b_test"][:32000])
     labels = [m for m in msgs if m["type"] == "label" and m["label"] != "silence"]
     assert code == 1000 and labels
     assert all(set(m["scores"]) == {"alice", "bob"} for m in labels)
@@ -554,7 +557,57 @@ def test_new_session_comes_from_the_warm_pool(server):
     assert len(before) >= pool
     with open_ws(server) as ws:
         sid = recv(ws)["session_id"]
-    assert f"session-{sid}" in before
+    assert actor_name(sid) in before
+
+
+def test_a_cleanly_ended_session_hands_its_actor_on_reset(server, voices):
+    """After `end`, the session's SessionActor goes back to the warm pool,
+    first out, reset: the next new session runs in the same process under
+    an id that names the same actor, with none of the old session's
+    enrollments; neither the old session nor the old token resumes."""
+    import ray
+
+    from actors.session_actor import NAMESPACE, recycled_session_id
+
+    def pid_of(sid: str) -> int:
+        actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
+        return ray.get(actor.stats.remote(), timeout=30)["pid"]
+
+    with open_ws(server) as ws:
+        ready = recv(ws)
+        assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
+        # A session that has not ended refuses to be recycled.
+        live = ray.get_actor(actor_name(ready["session_id"]), namespace=NAMESPACE)
+        again = recycled_session_id(ready["session_id"])
+        assert ray.get(live.recycle.remote(again, "x"), timeout=30) == 0
+        msgs, code = stream_and_end(ws, voices["a_test"][:16000])
+        assert code == 1000 and all(
+            set(m.get("scores", {"alice": 0})) == {"alice"}
+            for m in msgs
+            if m["type"] == "label"
+        )
+    old, token = ready["session_id"], ready["resume_token"]
+    pid = pid_of(old)  # alive after its session ended (it used to be killed)
+    deadline = time.monotonic() + 20  # the ingress recycles after the close
+    while True:
+        ws = open_ws(server)
+        nxt = recv(ws)
+        if nxt["session_id"] == recycled_session_id(old):
+            break
+        ws.close()
+        assert time.monotonic() < deadline, "the ended session's actor never came back"
+        time.sleep(0.2)
+    with ws:
+        assert nxt["resume_token"] != token and pid_of(nxt["session_id"]) == pid
+        ws.send(json.dumps({"type": "stream"}))
+        assert recv(ws)["code"] == "not_enrolled"
+        assert enroll(ws, "bob", voices["b_enroll"])["type"] == "enrolled"
+        msgs, code = stream_and_end(ws, voices["b_test"][:16000])
+    scored = [m["scores"] for m in msgs if "scores" in m]
+    assert code == 1000 and scored and all(set(s) == {"bob"} for s in scored)
+    for sid in (old, nxt["session_id"]):
+        with open_ws(server, f"session={sid}&resume_token={token}") as ws:
+            assert drain(ws)[1] == 4404
 
 
 def test_the_pool_refills_soon_after_a_session_takes_from_it(server):
@@ -583,7 +636,7 @@ def test_a_pooled_actor_that_died_is_replaced_unnoticed(server, voices):
     import ray
     from ray.exceptions import RayActorError
 
-    from actors.session_actor import NAMESPACE
+    from actors.session_actor import NAMESPACE, recycled_session_id
     from diglett.settings import Settings
 
     pool = Settings.from_env().session_pool
@@ -603,24 +656,24 @@ def test_a_pooled_actor_that_died_is_replaced_unnoticed(server, voices):
                 pytest.fail("ray.kill did not end a pooled actor in 10 s")
         with open_ws(server) as ws:
             ready = recv(ws)
-            if f"session-{ready['session_id']}" not in killed:
+            if actor_name(ready["session_id"]) not in killed:
                 continue
             assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
-            ws.send(json.dumps({"type": "stream"}))
-            send_audio(ws, voices["a_test"][:16000])
-            ws.send(json.dumps({"type": "end"}))
-            msgs, code = drain(ws)
+            msgs, code = stream_and_end(ws, voices["a_test"][:16000])
         break
     else:
         pytest.fail("every new session got a live actor: no dead one was pooled")
     assert code == 1000 and [m["type"] for m in msgs].count("label") == 2
     assert not [m for m in msgs if m["type"] == "error"]
-    # The next sessions get live actors: the pool's other dead ones are gone.
+    # The next sessions get live actors: the pool's other dead ones are gone
+    # (the re-created one, recycled after its clean end, is alive).
     for _ in range(2):
         with open_ws(server) as ws:
             sid = recv(ws)["session_id"]
-            assert f"session-{sid}" not in killed
-            ray.get_actor(f"session-{sid}", namespace=NAMESPACE)
+            revived = recycled_session_id(ready["session_id"])
+            assert actor_name(sid) not in killed or sid == revived
+            actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
+            ray.get(actor.stats.remote(), timeout=30)
 
 
 def test_cpu_replica_threads_and_int8(server):
@@ -658,7 +711,7 @@ def test_serving_processes_yield_the_cpu_to_the_model(server):
     nice = max(base, Settings.from_env().serving_nice)
     with open_ws(server) as ws:
         sid = recv(ws)["session_id"]
-        actor = ray.get_actor(f"session-{sid}", namespace=NAMESPACE)
+        actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
         stats = ray.get(actor.stats.remote(), timeout=30)
     assert stats["niceness"] == nice
     handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
