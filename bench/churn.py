@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Session churn: the server CPU a session costs, SessionActors recycled or not.
+
+Waves of `--wave` sessions (default: the warm pool's size) each connect,
+enroll two speakers, stream `--stream-s` s of real speech, wait for its
+labels and send `end`; the next wave opens `--gap-s` later, past the pool keeper's
+quiet time, so the pool refills between waves as on a live server. The
+server runs the BENCHMARK-ONLY no-op embedder: this is what a session costs
+the serving path, start-up included.
+
+Reports, per session: the machine's CPU time outside this process, the time
+to `ready` (p50/p95), and how many SessionActor processes were started.
+With `DIGLETT_SESSION_RECYCLE=1` (the default) a session that ends cleanly
+hands its actor, reset, back to the warm pool; with 0 it is ended and the
+pool's keeper starts another (~0.75 s of CPU here, 0.47 s of it Ray's
+setup_worker.py). The two run side by side, interleaved, each round on a
+fresh local server.
+
+    python bench/churn.py --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.load import SPEAKERS, _voices, session_pids, wait_for_pool  # noqa: E402
+from bench.sessions_start import _one  # noqa: E402
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine spent outside its idle loop so far."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+async def _session(url: str, enrolls, conv: np.ndarray, stream_s: float) -> tuple:
+    """One short session (open, enroll, stream, `end`); returns (seconds to
+    `ready`, error code or "")."""
+    go = asyncio.Event()
+    go.set()
+
+    async def at_once() -> None:
+        pass
+
+    return await _one(url, enrolls, conv, stream_s, at_once, go)
+
+
+async def _waves(args, url: str, enrolls, conv) -> tuple[list, set[int]]:
+    """Run the waves; returns the sessions' results and every SessionActor
+    pid seen meanwhile (sampled often: each lives for a whole session)."""
+    seen: set[int] = set(session_pids())
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            seen.update(session_pids())
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    results: list = []
+    for _ in range(args.waves):
+        wave = [_session(url, enrolls, conv, args.stream_s) for _ in range(args.wave)]
+        results += await asyncio.gather(*wave)
+        await asyncio.sleep(args.gap_s)
+    stop.set()
+    await watcher
+    return results, seen
+
+
+def run_one(args) -> dict:
+    """One server with DIGLETT_SESSION_RECYCLE=args.recycle; its row."""
+    os.environ["DIGLETT_EMBEDDER"] = "noop"
+    os.environ["DIGLETT_SESSION_RECYCLE"] = str(args.recycle)
+    from ray import serve
+
+    from diglett.settings import Settings
+    from serve_app.app import build_app
+    from serve_app.serve_env import start_local_serve, wait_until_healthy
+
+    pool = Settings.from_env().session_pool
+    args.wave = args.wave or pool
+    port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
+    serve.run(build_app(), name="diglett", route_prefix="/")
+    wait_until_healthy(f"http://127.0.0.1:{port}")
+    wait_for_pool()
+    time.sleep(3.0)
+    enrolls, conv = _voices(args.data)
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+    pooled = set(session_pids())
+    own = psutil.Process()
+    busy0, own0, t0 = _busy_cpu_s(), sum(own.cpu_times()[:2]), time.monotonic()
+    results, seen = asyncio.run(_waves(args, url, enrolls, conv))
+    server_cpu = _busy_cpu_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
+    n = len(results)
+    ready = np.array([r for r, _ in results])
+    return {
+        "recycle": args.recycle,
+        "sessions": n,
+        "pool": pool,
+        "errors": sorted({e for _, e in results if e}),
+        "seconds": round(time.monotonic() - t0, 1),
+        "server_cpu_s_per_session": round(server_cpu / n, 3),
+        "actors_started": len(seen - pooled),
+        "ready_p50_s": round(float(np.percentile(ready, 50)), 3),
+        "ready_p95_s": round(float(np.percentile(ready, 95)), 3),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--waves", type=int, default=6)
+    ap.add_argument("--wave", type=int, default=0, help="sessions a wave (0: pool)")
+    ap.add_argument("--stream-s", type=float, default=2.0)
+    ap.add_argument("--gap-s", type=float, default=4.0)
+    ap.add_argument("--data", type=Path, default=SPEAKERS)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--recycle", type=int, default=-1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.recycle >= 0:  # one server, in a process of its own
+        print(json.dumps(run_one(args)), flush=True)
+        return 0
+    rows = []
+    for _ in range(args.rounds):
+        for recycle in (1, 0):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--recycle", str(recycle)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "churn.json").write_text(json.dumps(rows, indent=1))
+    by = {
+        m: [r["server_cpu_s_per_session"] for r in rows if r["recycle"] == m]
+        for m in (0, 1)
+    }
+    print(
+        "server CPU per session, ended vs recycled: "
+        f"{np.mean(by[0]):.3f} / {np.mean(by[1]):.3f} s = "
+        f"{np.mean(by[0]) / np.mean(by[1]):.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
