@@ -60,10 +60,25 @@ SESSION_START_TIMEOUT_S = 30.0  # a SessionActor no node can place is `overloade
 POOL_QUIET_S = 2.0  # the pool refills once no session opened for this long
 # Recycled actors may hold the pool at up to this many times its size (the
 # keeper refills it to its size as sessions take from it, so otherwise the
-# sessions' own actors would find it full when they end); the extra ones end
-# once no session opened for POOL_TRIM_S.
+# sessions' own actors would find it full when they end); an actor beyond
+# its size that sat unused in it for POOL_TRIM_S ends.
 RECYCLE_POOL_FACTOR = 2
 POOL_TRIM_S = 120.0
+
+
+def pool_excess(pooled_at: list[float], size: int, now: float) -> list[int]:
+    """Which pool entries to end: those beyond `size` entries that have sat
+    unused for POOL_TRIM_S, given when each entered the pool; indices, the
+    pool's back (its oldest idle entries, as sessions take from the front)
+    first."""
+    out = []
+    for i in range(len(pooled_at) - 1, -1, -1):
+        if len(pooled_at) - len(out) <= size:
+            break
+        if now - pooled_at[i] >= POOL_TRIM_S:
+            out.append(i)
+    return out
+
 
 app = FastAPI(
     title="Diglett",
@@ -313,6 +328,7 @@ class Ingress:
         self._sweep: asyncio.Task | None = None  # an early `_drop_dead_pooled`
         self._last_open = 0.0  # when a new session last opened
         self._recycling: set[asyncio.Task] = set()  # see _recycle
+        self._pooled_at: dict[str, float] = {}  # session id -> when pooled
         try:
             self._fill_pool()
         except RuntimeError:  # no event loop here: the first session fills it
@@ -512,6 +528,7 @@ class Ingress:
                         failed = True
                         break
                     self._pool.append((actor, sid, token))
+                    self._pooled_at[sid] = time.monotonic()
                 if failed:
                     await asyncio.sleep(KEEPALIVE_S)
                     continue
@@ -537,13 +554,17 @@ class Ingress:
             self._trim_pool()
 
     def _trim_pool(self) -> None:
-        """End the recycled actors beyond the pool's size once sessions
-        stopped opening for POOL_TRIM_S (each holds ~34 MiB)."""
-        if time.monotonic() - self._last_open < POOL_TRIM_S:
-            return
-        while len(self._pool) > self.settings.session_pool:
-            actor, _, _ = self._pool.pop()
-            ray.kill(actor, no_restart=True)
+        """End the actors beyond the pool's size that sat unused in it for
+        POOL_TRIM_S (each holds ~34 MiB)."""
+        now = time.monotonic()
+        at = [self._pooled_at.get(sid, now) for _, sid, _ in self._pool]
+        for i in pool_excess(at, self.settings.session_pool, now):
+            ray.kill(self._pool.pop(i)[0], no_restart=True)
+        self._pooled_at = {
+            sid: self._pooled_at[sid]
+            for _, sid, _ in self._pool
+            if sid in self._pooled_at
+        }
 
     async def _drop_dead_pooled(self) -> None:
         dead = await _dead_after_warm(list(self._pool))
@@ -559,8 +580,8 @@ class Ingress:
         reset as a new session (`SessionActor.recycle`), while the pool
         holds fewer than RECYCLE_POOL_FACTOR times its size; False when it
         is that full or the actor refused or failed (the caller then ends
-        it). Starting an actor costs ~0.75 s of CPU, most
-        of it Ray's, a reset ~2 ms (README, "Performance")."""
+        it). Starting an actor costs ~0.75 s of CPU, most of it Ray's; a
+        reset, ~2 ms (README, "Performance")."""
         room = RECYCLE_POOL_FACTOR * self.settings.session_pool
         if not self.settings.session_recycle or len(self._pool) >= room:
             return False
@@ -577,6 +598,7 @@ class Ingress:
         # First out: the next session gets the actor whose pages were just
         # in use; the pool's oldest idle ones are at the end, to be trimmed.
         self._pool.insert(0, (actor, new_sid, token))
+        self._pooled_at[new_sid] = time.monotonic()
         return True
 
     async def _replace_unused(self, sid: str, token: str):

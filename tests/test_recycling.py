@@ -1,4 +1,5 @@
-"""Session ids of recycled SessionActors (actors/session_actor.py)."""
+"""Recycled SessionActors: their sessions' ids, the setting, and which
+idle ones the warm pool ends (actors/session_actor.py, serve_app/ingress.py)."""
 
 from actors.session_actor import actor_name, recycled_session_id
 
@@ -27,3 +28,18 @@ def test_recycling_is_a_setting():
     assert Settings.from_env({"DIGLETT_SESSION_RECYCLE": "0"}).session_recycle == 0
     with pytest.raises(ValueError, match="DIGLETT_SESSION_RECYCLE"):
         Settings.from_env({"DIGLETT_SESSION_RECYCLE": "2"})
+
+
+def test_the_pool_ends_only_long_unused_actors_beyond_its_size():
+    from serve_app.ingress import POOL_TRIM_S, pool_excess
+
+    now = 1000.0
+    old, new = now - POOL_TRIM_S - 1, now - 1
+    # Within its size, nothing ends however old.
+    assert pool_excess([old, old], 2, now) == []
+    # Beyond it, the unused ones, from the back, down to its size.
+    assert pool_excess([new, old, old, old], 2, now) == [3, 2]
+    assert pool_excess([old, new, old, new], 2, now) == [2, 0]
+    # Recently pooled ones stay, even beyond its size.
+    assert pool_excess([new, new, new], 1, now) == []
+    assert pool_excess([], 0, now) == []
