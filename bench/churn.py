@@ -9,7 +9,9 @@ server runs the BENCHMARK-ONLY no-op embedder: this is what a session costs
 the serving path, start-up included.
 
 Reports, per session: the machine's CPU time outside this process, the time
-to `ready` (p50/p95), and how many SessionActor processes were started.
+to `ready` (p50/p95), and how many SessionActor processes were started; and
+the private memory (USS) of the pooled actors after the waves (recycled
+ones have served several sessions).
 With `DIGLETT_SESSION_RECYCLE=1` (the default) a session that ends cleanly
 hands its actor, reset, back to the warm pool; with 0 it is ended and the
 pool's keeper starts another (~0.75 s of CPU here, 0.47 s of it Ray's
@@ -45,6 +47,14 @@ def _busy_cpu_s() -> float:
     """CPU seconds the whole machine spent outside its idle loop so far."""
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
+def _uss_mib(pid: int) -> float | None:
+    """A process's private memory, or None if it is gone."""
+    try:
+        return psutil.Process(pid).memory_full_info().uss / 2**20
+    except psutil.Error:
+        return None
 
 
 async def _session(url: str, enrolls, conv: np.ndarray, stream_s: float) -> tuple:
@@ -107,6 +117,8 @@ def run_one(args) -> dict:
     server_cpu = _busy_cpu_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
     n = len(results)
     ready = np.array([r for r, _ in results])
+    uss = [_uss_mib(pid) for pid in session_pids()]  # the pool, after the waves
+    uss = [u for u in uss if u is not None]
     return {
         "recycle": args.recycle,
         "sessions": n,
@@ -117,6 +129,9 @@ def run_one(args) -> dict:
         "actors_started": len(seen - pooled),
         "ready_p50_s": round(float(np.percentile(ready, 50)), 3),
         "ready_p95_s": round(float(np.percentile(ready, 95)), 3),
+        "pooled_actors": len(uss),
+        "pooled_uss_mean_mib": round(float(np.mean(uss)), 1) if uss else None,
+        "pooled_uss_max_mib": round(float(np.max(uss)), 1) if uss else None,
     }
 
 
