@@ -144,7 +144,13 @@ def main() -> int:
     ap.add_argument("--gap-s", type=float, default=4.0)
     ap.add_argument("--data", type=Path, default=SPEAKERS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--recycle", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--recycle",
+        type=int,
+        default=-1,
+        help="run one server with DIGLETT_SESSION_RECYCLE set to this (0 or 1) "
+        "and print its row; -1: both, side by side, --rounds times",
+    )
     args = ap.parse_args()
     if args.recycle >= 0:  # one server, in a process of its own
         print(json.dumps(run_one(args)), flush=True)
