@@ -40,33 +40,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.load import SPEAKERS, _voices, session_pids, wait_for_pool  # noqa: E402
-from bench.sessions_start import _one  # noqa: E402
+from bench.sessions_start import _one, _session_memory  # noqa: E402
 
 
 def _busy_cpu_s() -> float:
     """CPU seconds the whole machine spent outside its idle loop so far."""
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
-
-
-def _uss_mib(pid: int) -> float | None:
-    """A process's private memory, or None if it is gone."""
-    try:
-        return psutil.Process(pid).memory_full_info().uss / 2**20
-    except psutil.Error:
-        return None
-
-
-async def _session(url: str, enrolls, conv: np.ndarray, stream_s: float) -> tuple:
-    """One short session (open, enroll, stream, `end`); returns (seconds to
-    `ready`, error code or "")."""
-    go = asyncio.Event()
-    go.set()
-
-    async def at_once() -> None:
-        pass
-
-    return await _one(url, enrolls, conv, stream_s, at_once, go)
 
 
 async def _waves(args, url: str, enrolls, conv) -> tuple[list, set[int]]:
@@ -83,7 +63,7 @@ async def _waves(args, url: str, enrolls, conv) -> tuple[list, set[int]]:
     watcher = asyncio.create_task(watch())
     results: list = []
     for _ in range(args.waves):
-        wave = [_session(url, enrolls, conv, args.stream_s) for _ in range(args.wave)]
+        wave = [_one(url, enrolls, conv, args.stream_s) for _ in range(args.wave)]
         results += await asyncio.gather(*wave)
         await asyncio.sleep(args.gap_s)
     stop.set()
@@ -117,8 +97,7 @@ def run_one(args) -> dict:
     server_cpu = _busy_cpu_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
     n = len(results)
     ready = np.array([r for r, _ in results])
-    uss = [_uss_mib(pid) for pid in session_pids()]  # the pool, after the waves
-    uss = [u for u in uss if u is not None]
+    uss = [u for u, _ in _session_memory()["actor"]]  # the pool, after the waves
     return {
         "recycle": args.recycle,
         "sessions": n,

@@ -47,9 +47,11 @@ from bench.load import (
 from diglett.audio import encode_s16  # noqa: E402
 
 
-async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hold):
-    """One session: open (timed), wait until all are open, enroll, stream,
-    then wait for `hold`."""
+async def _one(
+    url: str, enrolls, conv: np.ndarray, stream_s: float, opened=None, hold=None
+):
+    """One session: open (timed), wait until all are open (`opened`, if
+    given), enroll, stream, then wait for `hold` (if given) and `end`."""
     import websockets
 
     t0 = time.monotonic()
@@ -58,7 +60,8 @@ async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hol
     ) as ws:
         ready = json.loads(await ws.recv())
         start_s = time.monotonic() - t0
-        await opened()
+        if opened is not None:
+            await opened()
         if ready["type"] != "ready":
             return start_s, ready.get("code", "refused")
         failed = await enroll_all(ws, enrolls)
@@ -71,7 +74,8 @@ async def _one(url: str, enrolls, conv: np.ndarray, stream_s: float, opened, hol
         labels = 0
         while labels < n // 8000:
             labels += json.loads(await ws.recv())["type"] == "label"
-        await hold.wait()
+        if hold is not None:
+            await hold.wait()
         await ws.send(json.dumps({"type": "end"}))
         async for _ in ws:
             pass
