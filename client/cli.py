@@ -455,6 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_plot(args: argparse.Namespace) -> None:
+    """Fail before anything starts, not after the stream, if `--plot` cannot
+    be written: it needs matplotlib, which only the client extra installs."""
+    if not getattr(args, "plot", None):
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ClientError(
+            "--plot needs matplotlib: pip install matplotlib "
+            "(or pip install 'diglett[client]')"
+        ) from None
+
+
 def print_devices() -> int:
     devices = list_devices()
     if not devices:
@@ -507,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
+        check_plot(args)
         return asyncio.run(_main(args))
     except (ClientError, AudioSetupError) as exc:
         print(f"diglett-client: {exc}", file=sys.stderr)

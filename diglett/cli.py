@@ -92,17 +92,40 @@ def _check_port(settings: Settings) -> bool:
     return False
 
 
-def _die_with_parent():
-    """A `preexec_fn` for `serve run`: SIGINT (a clean stop) to it when
-    diglett dies, however it dies; None off Linux. ctypes is loaded here,
-    before the fork: the child only makes the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+def _child_setup():
+    """The `preexec_fn` for `serve run`, run in the child before the exec.
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    SIGINT and SIGQUIT back to their defaults: a background shell job
+    (`nohup make serve &`, a CI script) starts with both ignored, an ignored
+    signal stays ignored across exec, and Python then installs no SIGINT
+    handler, so the SIGINT that stops `serve run` cleanly would do nothing
+    (Popen's `restore_signals` covers SIGPIPE, SIGXFZ and SIGXFSZ only).
+
+    On Linux also SIGINT to it when diglett dies, however it dies
+    (PR_SET_PDEATHSIG); ctypes is loaded here, before the fork: the child
+    only makes the call."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     PR_SET_PDEATHSIG = 1
-    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+    def setup() -> None:
+        for signum in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+    return setup
+
+
+def start_serve_run(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start `serve run` (`cmd`) as `diglett serve` does: in a session of its
+    own, with SIGINT, its clean stop, reaching it (see `_child_setup`)."""
+    return subprocess.Popen(
+        cmd, start_new_session=True, preexec_fn=_child_setup(), **kwargs
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -137,12 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # session of its own, out of reach of signals to diglett's process group
     # (a terminal's Ctrl-C, `kill -- -PGID`, a service manager's stop), and
     # diglett passes each stop on to it as SIGINT.
-    proc = subprocess.Popen(
-        [serve_bin, "run", rendered],
-        cwd=ROOT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent(),
-    )
+    proc = start_serve_run([serve_bin, "run", rendered], cwd=ROOT)
 
     def stop_serve(signum, frame) -> None:
         if proc.poll() is None:

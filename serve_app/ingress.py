@@ -111,6 +111,8 @@ class Info(BaseModel):
     max_speakers: int
     model: str
     threshold: float
+    # Audio each label waits for past its hop (docs/protocol.md); 0: none.
+    lookahead_s: float = 0.0
     version: str
 
 

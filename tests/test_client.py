@@ -389,3 +389,28 @@ def test_microphone_enroll_and_stream(server, wavs, pulse, tmp_path):
     doc = json.loads(out.read_text())
     labels = [x["label"] for x in doc["labels"]]
     assert labels.count("alice") >= 4 and labels.count("bob") <= 1, labels
+
+
+def test_plot_without_matplotlib_fails_at_once_with_what_to_install(
+    monkeypatch, tmp_path, capsys
+):
+    """On the base install (no matplotlib) `--plot` is refused before the
+    client connects, not with an `unexpected` error after the whole stream."""
+    from client import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import` fails
+    monkeypatch.chdir(tmp_path)  # no .env
+
+    async def connect(self, resume=False):
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(cli.Runner, "connect", connect)
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, dtype=np.float32), 16000)
+    plot = tmp_path / "talk.png"
+    argv = ["stream", "--url", "ws://127.0.0.1:9/v1/stream", "--plot", str(plot)]
+    argv += ["--enroll", f"a={wav}", "--enroll", f"b={wav}", str(wav), "--fast"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install" in err, err
+    assert "unexpected" not in err and not plot.exists(), err

@@ -1,0 +1,28 @@
+"""The ingress's HTTP routes as FastAPI serves them, without Ray: the
+replica's instance (which Serve injects as `self`) is a stand-in."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fastapi.testclient import TestClient
+
+from diglett import __version__
+from diglett.settings import Settings
+
+
+def test_info_has_every_session_independent_value_of_ready(monkeypatch):
+    """`/v1/info` is `ready` less the session's own values: nothing that
+    `Settings.info()` puts in `ready` (`lookahead_s` included) is filtered
+    out by the route's response model (docs/protocol.md)."""
+    from ray import serve
+
+    from serve_app.ingress import app
+
+    settings = Settings(lookahead_hops=1)
+    replica = SimpleNamespace(servable_object=SimpleNamespace(settings=settings))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)
+    r = TestClient(app).get("/v1/info")
+    assert r.status_code == 200, r.text
+    assert r.json() == {**settings.info(), "version": __version__}
+    assert r.json()["lookahead_s"] == 0.5
