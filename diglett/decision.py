@@ -10,8 +10,16 @@ window-length sub-windows (`enrollment_reference`), and each speaker gets its
 own threshold: `rel_threshold` times the speaker's *self-score*, the mean
 cosine of each sub-window to the centroid of the others. A voice whose
 windows match its own enrollment weakly (a noisy or varied enrollment) thus
-gets a lower bar than one that matches tightly (`bench/accuracy.py` and the
-README's Accuracy section give what each choice measured).
+gets a lower bar than one that matches tightly.
+
+The reference then adapts to the session (`Adaptation`): a window labelled
+a speaker with a clear margin, over its bar and over the other speakers,
+joins that speaker's confident windows, and the reference becomes a blend
+of the enrollment and their mean, the enrollment always keeping at least
+half the weight, so a room, a microphone or a voice on a different day is
+learnt while an intruder, who never clears the margins, cannot take a
+reference over. `bench/cv_decision.py` measures each choice, cross-validated
+over speakers (docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -19,6 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# Adaptation (see the module doc): a confident window clears its bar by
+# ADAPT_MARGIN and the runner-up's score by ADAPT_GAP; their mean gets the
+# weight n / (n + ADAPT_HALF_N), at most ADAPT_MAX_WEIGHT.
+ADAPT_MARGIN = 0.1
+ADAPT_GAP = 0.2
+ADAPT_HALF_N = 5.0
+ADAPT_MAX_WEIGHT = 0.5
 
 NOISE = "noise"
 SILENCE = "silence"
@@ -87,6 +103,45 @@ def speaker_threshold(
     if rel_threshold > 0 and self_score is not None and self_score > 0:
         return rel_threshold * self_score
     return threshold
+
+
+@dataclass
+class Adaptation:
+    """A speaker's reference as the session refines it.
+
+    `enrolled` is the enrollment's unit reference (d,); `total` the sum of
+    the confident windows' unit embeddings (d,), `count` how many.
+    """
+
+    enrolled: np.ndarray
+    total: np.ndarray | None = None
+    count: int = 0
+
+    @property
+    def reference(self) -> np.ndarray:
+        """The unit reference to score against now (d,)."""
+        if not self.count:
+            return self.enrolled
+        w = min(ADAPT_MAX_WEIGHT, self.count / (self.count + ADAPT_HALF_N))
+        return normalize((1 - w) * self.enrolled + w * normalize(self.total))
+
+    def add(self, embedding: np.ndarray) -> None:
+        """Count a confident window's embedding (d,)."""
+        u = normalize(embedding)
+        self.total = u if self.total is None else self.total + u
+        self.count += 1
+
+
+def confident(scores: dict[str, float], bars: dict[str, float], label: str) -> bool:
+    """Whether a window labelled `label` is sure enough to adapt its reference."""
+    if label not in scores:
+        return False
+    others = [v for k, v in scores.items() if k != label]
+    runner_up = max(others) if others else -1.0
+    return (
+        scores[label] - bars.get(label, -1.0) >= ADAPT_MARGIN
+        and scores[label] - runner_up >= ADAPT_GAP
+    )
 
 
 @dataclass

@@ -15,20 +15,27 @@ from typing import Union
 
 import numpy as np
 
-from diglett import levels
+from diglett import levels, speech
 from diglett.audio import AudioError, InputFormat, StreamResampler, check_format
 from diglett.audio import decode_frame
-from diglett.decision import SILENCE, TalkStats, cosine_scores, decide
-from diglett.decision import enrollment_reference, normalize, speaker_threshold
+from diglett.decision import SILENCE, Adaptation, TalkStats, confident, cosine_scores
+from diglett.decision import decide, enrollment_reference, normalize
+from diglett.decision import speaker_threshold
 from diglett.holdback import HoldRule
 from diglett.protocol import CLOSE_CODES, EndMsg, EnrollEndMsg, EnrollMsg, FormatMsg
 from diglett.protocol import ProtocolError, StreamMsg, error, parse_control
 from diglett.settings import SAMPLE_RATE, Settings
 from diglett.windowing import HopWindower
 
-QUIET_DBFS = -35.0  # speech level below which an enrollment is `quiet`
-CLIPPING_FRACTION = 0.001  # share of full-scale samples that makes it `clipping`
-NOISY_SNR_DB = 15.0  # speech-to-floor distance below which it is `noisy`
+# Enrollment warnings (bench/enroll_warnings.py measures them on real
+# clips): the speech frames' level under QUIET_DBFS is `quiet` (the detector
+# still finds such speech, but a louder enrollment scores better); more than
+# CLIPPING_FRACTION of samples at full scale is `clipping`; speech less than
+# NOISY_SNR_DB over the quietest tenth of frames (the floor in the pauses) is
+# `noisy`, so a clip without a pause cannot show its floor and reads noisy.
+QUIET_DBFS = -40.0
+CLIPPING_FRACTION = 0.001
+NOISY_SNR_DB = 15.0
 ENROLL_WINDOWS_MAX = 16  # most sub-windows embedded per enrollment
 HOLD_MAX_BYTES = 1 << 20  # most enrollment audio a caller holds back (hold_rule)
 
@@ -45,9 +52,11 @@ class HopJob:
     """A hop to label; `window` is None when no embedding of it is needed.
 
     `window` has shape (n,), float32 at 16 kHz, ending where the hop ends.
+    It is the speech part of the window (`speech.speech_part_start`): a
+    window that reaches back over a pause is cut there.
     `recv_t` is the caller's timestamp of the frame holding the hop's last
     sample, echoed back so latency is measured on one clock. `speech` is the
-    gate's verdict on the hop itself; with look-ahead a silent hop still
+    detector's verdict on the hop itself; with look-ahead a silent hop still
     carries its window when the hop before it is labelled from it.
     """
 
@@ -92,22 +101,46 @@ class EnrollWindowJob:
     audio: np.ndarray
 
 
+@dataclass(frozen=True)
+class FrameFlags:
+    """A detector's speech flags (k,) of frames of `frame` samples from
+    sample `first` on."""
+
+    first: int
+    frame: int
+    flags: np.ndarray
+
+    def fraction(self, start: int, end: int) -> float:
+        return speech.speech_fraction(self.first, self.frame, self.flags, start, end)
+
+
+def clip_flags(x: np.ndarray, settings: Settings) -> FrameFlags:
+    """Speech flags of a whole clip `x` (16 kHz), from a fresh detector."""
+    det = speech.make_detector(settings.vad, settings.gate_dbfs)
+    det.push(x)
+    first, flags = det.frame_flags(0, x)
+    return FrameFlags(first, det.frame_samples, flags)
+
+
 def enrollment_windows(
-    x: np.ndarray, settings: Settings, max_windows: int = ENROLL_WINDOWS_MAX
+    x: np.ndarray,
+    settings: Settings,
+    max_windows: int = ENROLL_WINDOWS_MAX,
+    flags: FrameFlags | None = None,
 ) -> list[np.ndarray]:
     """The sub-windows of enrollment audio `x` (16 kHz) worth embedding.
 
     Windows of `window_s` every `hop_s` (as a stream's windows), keeping
-    those the speech gate passes; at most `max_windows`, evenly spread.
-    Fewer than two speech windows: none (the whole clip is the reference).
+    those whose speech share reaches `speech_min_frac`; at most
+    `max_windows`, evenly spread. Fewer than two speech windows: none (the
+    whole clip is the reference). `flags`: the clip's, if already known.
     """
     w, h = settings.window_samples, settings.hop_samples
+    flags = flags or clip_flags(x, settings)
     wins = [
         x[end - w : end]
         for end in range(w, x.size + 1, h)
-        if levels.has_speech(
-            x[end - w : end], settings.gate_dbfs, settings.speech_min_frac
-        )
+        if is_speech(flags.fraction(end - w, end), settings.speech_min_frac)
     ]
     if len(wins) < 2:
         return []
@@ -130,20 +163,26 @@ class Summary:
 Action = Union[dict, Close, HopJob, EnrollWindowJob, EnrollJob, FlushHeld, Summary]
 
 
-def enrollment_warnings(x: np.ndarray, gate_dbfs: float, truncated: bool) -> list[str]:
-    """Advisory warnings for enrollment audio `x` (shape (n,), 16 kHz)."""
+def is_speech(fraction: float, min_frac: float) -> bool:
+    """A hop (or window) with this share of speech counts as speech."""
+    return fraction > 0 and fraction >= min_frac
+
+
+def _power_mean_db(db: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(10 ** (db / 10))))
+
+
+def enrollment_warnings(x: np.ndarray, flags: FrameFlags, truncated: bool) -> list[str]:
+    """Advisory warnings for enrollment audio `x` (shape (n,), 16 kHz) whose
+    speech frames are `flags` (see the constants above)."""
     warnings = ["truncated"] if truncated else []
-    db = levels.frame_dbfs(x)
-    speech = db[db >= gate_dbfs]
-    if speech.size:
-        speech_level = 10 * np.log10(np.mean(10 ** (speech / 10)))
-        if speech_level < QUIET_DBFS:
-            warnings.append("quiet")
-    else:
+    db = levels.frame_dbfs(x[flags.first :], flags.frame)[: flags.flags.size]
+    sp = db[flags.flags[: db.size]]
+    if not sp.size or _power_mean_db(sp) < QUIET_DBFS:
         warnings.append("quiet")
     if levels.clipping_fraction(x) > CLIPPING_FRACTION:
         warnings.append("clipping")
-    if db.size >= 10 and np.percentile(db, 90) - np.percentile(db, 10) < NOISY_SNR_DB:
+    if sp.size and _power_mean_db(sp) - np.percentile(db, 10) < NOISY_SNR_DB:
         warnings.append("noisy")
     return warnings
 
@@ -160,6 +199,9 @@ class SessionEngine:
         self._stray_answered = False
         self.enrollments: dict[str, np.ndarray | None] = {}
         self.self_scores: dict[str, float | None] = {}
+        # Each speaker's reference as this session refines it (decision.py).
+        self.adapted: dict[str, Adaptation] = {}
+        self._detector = speech.make_detector(settings.vad, settings.gate_dbfs)
         self._enroll_parts: dict[str, list[np.ndarray]] = {}
         self._enroll_name = ""
         self._enroll_chunks: list[np.ndarray] = []
@@ -227,6 +269,7 @@ class SessionEngine:
         if self.state == "enrolling":
             self._add_enroll_audio(x16)
             return []
+        self._detector.push(x16)
         return self._hop_jobs(self._windower.push(x16), t)
 
     def disconnect(self) -> None:
@@ -338,6 +381,7 @@ class SessionEngine:
             ref, self_score = normalize(embedding), None
         self.enrollments[job.speaker] = ref
         self.self_scores[job.speaker] = self_score
+        self.adapted[job.speaker] = Adaptation(ref)
         return {
             "type": "enrolled",
             "speaker": job.speaker,
@@ -357,9 +401,12 @@ class SessionEngine:
         if job.window is None or embedding is None:
             label = SILENCE
         else:
-            refs = {k: v for k, v in self.enrollments.items() if v is not None}
+            refs = {k: a.reference for k, a in self.adapted.items()}
             scores = cosine_scores(embedding, refs)
-            label = decide(scores, self.thresholds())
+            bars = self.thresholds()
+            label = decide(scores, bars)
+            if confident(scores, bars, label):
+                self.adapted[label].add(embedding)
             msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
         msg["label"] = label
         msg["level_dbfs"] = round(job.level_dbfs, 1)
@@ -432,12 +479,13 @@ class SessionEngine:
         self.state = "idle"
         self._enroll_chunks, self._enroll_len = [], 0
         duration = audio.size / SAMPLE_RATE
-        speech = levels.speech_seconds(audio, self.s.gate_dbfs)
-        if duration < self.s.enroll_min_s or speech < self.s.enroll_min_speech_s:
+        flags = clip_flags(audio, self.s)
+        speech_s = speech.speech_seconds(flags.frame, flags.flags)
+        if duration < self.s.enroll_min_s or speech_s < self.s.enroll_min_speech_s:
             return [
                 error(
                     "enroll_too_short",
-                    f"{name!r}: {duration:.2f} s of audio with {speech:.2f} s of "
+                    f"{name!r}: {duration:.2f} s of audio with {speech_s:.2f} s of "
                     f"speech; need {self.s.enroll_min_s:g} s of audio and "
                     f"{self.s.enroll_min_speech_s:g} s of speech",
                 )
@@ -447,7 +495,7 @@ class SessionEngine:
         self._enroll_parts.pop(name, None)
         windows = [
             EnrollWindowJob(name, i, w)
-            for i, w in enumerate(enrollment_windows(audio, self.s))
+            for i, w in enumerate(enrollment_windows(audio, self.s, flags=flags))
         ]
         return windows + [
             EnrollJob(
@@ -455,9 +503,9 @@ class SessionEngine:
                 audio=audio,
                 embed=not windows,
                 duration_s=duration,
-                speech_s=speech,
+                speech_s=speech_s,
                 level_dbfs=levels.rms_dbfs(audio),
-                warnings=enrollment_warnings(audio, self.s.gate_dbfs, truncated),
+                warnings=enrollment_warnings(audio, flags, truncated),
             )
         ]
 
@@ -474,6 +522,7 @@ class SessionEngine:
             ]
         actions = self._end_stream(t) if self.state == "streaming" else []
         self._windower = HopWindower(self.s.hop_samples, self.s.window_samples)
+        self._detector.reset()
         self._prev_speech = False
         self.state = "streaming"
         return actions
@@ -486,7 +535,9 @@ class SessionEngine:
     # --------------------------------------------------------------- helpers
     def _end_stream(self, t: float) -> list[Action]:
         """Label what remains of the stream, ending with a shorter hop."""
-        hops = self._windower.push(self._resampler.flush())
+        rest = self._resampler.flush()
+        self._detector.push(rest)
+        hops = self._windower.push(rest)
         last = self._windower.flush()
         if last is not None:
             hops.append(last)
@@ -498,24 +549,39 @@ class SessionEngine:
     def _hop_jobs(self, hops, t: float) -> list[Action]:
         jobs: list[Action] = []
         for hop in hops:
-            speech = levels.has_speech(
-                hop.hop_audio, self.s.gate_dbfs, self.s.speech_min_frac
+            det = self._detector
+            first, flags = det.frame_flags(hop.start, hop.hop_audio)
+            frac = speech.speech_fraction(
+                first, det.frame_samples, flags, hop.start, hop.end
             )
+            is_sp = is_speech(frac, self.s.speech_min_frac)
             # With look-ahead, a hop's window also labels the hop before it.
-            needed = speech or (self.s.lookahead_hops > 0 and self._prev_speech)
-            self._prev_speech = speech
+            needed = is_sp or (self.s.lookahead_hops > 0 and self._prev_speech)
+            self._prev_speech = is_sp
             jobs.append(
                 HopJob(
                     seq=hop.seq,
                     start_s=hop.start / SAMPLE_RATE,
                     end_s=hop.end / SAMPLE_RATE,
                     level_dbfs=levels.rms_dbfs(hop.hop_audio),
-                    window=hop.window if needed else None,
+                    window=self._speech_part(hop) if needed else None,
                     recv_t=t,
-                    speech=speech,
+                    speech=is_sp,
                 )
             )
         return jobs
+
+    def _speech_part(self, hop) -> np.ndarray:
+        """The hop's window from where its last run of speech starts
+        (`speech.speech_part_start`), shape (m,), m <= the window's length."""
+        det = self._detector
+        w_start = hop.end - hop.window.size
+        first, flags = det.frame_flags(w_start, hop.window)
+        run = speech.last_run_start(
+            first, det.frame_samples, flags, speech.gap_frames(det.frame_samples)
+        )
+        start = speech.speech_part_start(w_start, hop.end, run, det.frame_samples)
+        return hop.window[start - w_start :]
 
     def _add_enroll_audio(self, x: np.ndarray) -> None:
         room = int(self.s.enroll_max_s * SAMPLE_RATE) - self._enroll_len

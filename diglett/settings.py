@@ -39,12 +39,16 @@ class Settings:
     threshold: float = 0.25
     # Per-speaker bar = rel_threshold x the enrollment's self-score (see
     # diglett/decision.py); 0 turns it off and `threshold` applies to all.
-    rel_threshold: float = 0.35
+    rel_threshold: float = 0.3
     # 1: label each hop from the window ending one hop later (centred on the
     # hop's turn changes; +hop_s latency); 0: from the window ending with it.
     lookahead_hops: int = 0
+    # Speech detector (diglett/speech.py): "silero" (Silero VAD, onnxruntime)
+    # or "energy" (20 ms frames at or above gate_dbfs; no model). A hop is
+    # speech when at least speech_min_frac of it is (docs/accuracy.md).
+    vad: str = "silero"
     gate_dbfs: float = -55.0
-    speech_min_frac: float = 0.4
+    speech_min_frac: float = 0.3
     window_s: float = 1.5
     hop_s: float = 0.5
     # Most windows per model call; 0: 32 on a CPU replica, 512 on a GPU
@@ -198,6 +202,10 @@ class Settings:
             raise ValueError("DIGLETT_SESSION_FORK must be 0 or 1")
         if self.session_recycle not in (0, 1):
             raise ValueError("DIGLETT_SESSION_RECYCLE must be 0 or 1")
+        if self.vad not in ("silero", "energy"):
+            raise ValueError("DIGLETT_VAD must be silero or energy")
+        if not 0.0 <= self.speech_min_frac <= 1.0:
+            raise ValueError("DIGLETT_SPEECH_MIN_FRAC must lie in [0, 1]")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
 

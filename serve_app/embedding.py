@@ -22,6 +22,7 @@ from ray import serve
 
 from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.settings import Settings
+from diglett.speech import window_lengths
 from serve_app import metrics
 from serve_app.placement import model_worker_options
 
@@ -222,9 +223,12 @@ class EmbeddingDeployment:
                 # to new shapes holds the replica while they warm up
                 # (compiled: minutes).
                 # Shapes already run are skipped (Embedder.warm_up).
-                took = self._model_thread.submit(
-                    self.embedder.warm_up, self._window_samples
-                ).result()
+                # Every window length a stream sends: the whole window and
+                # the speech parts it is cut to (diglett/speech.py).
+                took = sum(
+                    self._model_thread.submit(self.embedder.warm_up, n).result()
+                    for n in window_lengths(self._window_samples)
+                )
                 self.warm_up_s += took
                 logger.info("batch shapes %s warmed up in %.1f s", shapes, took)
 

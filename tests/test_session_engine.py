@@ -40,6 +40,14 @@ REATTACH_BUG = (
 )
 
 
+def ToneSettings(**kw) -> Settings:
+    """Settings for tone "voices": the level gate stands in for Silero VAD
+    (a tone is no speech to a VAD; tests/test_speech.py covers it on real
+    speech), with the gate's share and the bars these tests were made for."""
+    base = dict(vad="energy", speech_min_frac=0.4, rel_threshold=0.35)
+    return Settings(**{**base, **kw})
+
+
 def fake_embed(x: np.ndarray) -> np.ndarray:
     """A unit vector chosen by the window's dominant frequency."""
     x = np.asarray(x, dtype=np.float64)
@@ -87,7 +95,7 @@ class Client:
     """Drives a SessionEngine like the SessionActor does, on a fake clock."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.engine = SessionEngine(settings or Settings())
+        self.engine = SessionEngine(settings or ToneSettings())
         self.t = 1000.0
         self.rate, self.encoding = SR, "pcm_s16le"
         self.jobs: list = []
@@ -367,7 +375,7 @@ def test_too_many_speakers_in_reply_to_enroll(two):
 
 
 def test_max_speakers_setting():
-    c = Client(Settings(max_speakers=3))
+    c = Client(ToneSettings(max_speakers=3))
     for name, f in [("a", ALICE), ("b", BOB), ("c", CAROL)]:
         c.enroll_ok(name, f)
     assert_error(c.send({"type": "enroll", "speaker": "d"}), "too_many_speakers")
@@ -770,7 +778,7 @@ def test_argmax_not_biased_to_first_enrolled(two):
 
 
 def test_threshold_setting_turns_weak_match_into_noise():
-    c = Client(Settings(threshold=0.7, rel_threshold=0.0))
+    c = Client(ToneSettings(threshold=0.7, rel_threshold=0.0))
     c.enroll_ok("alice", ALICE)
     c.send({"type": "stream"})
     labs = labels(c.audio(tone(BETWEEN, 0.5)))
@@ -781,14 +789,14 @@ def test_threshold_setting_turns_weak_match_into_noise():
 def test_rel_threshold_is_relative_to_the_self_score():
     # fake_embed gives every speech sub-window of alice the same vector:
     # self-score 1, so her bar is rel_threshold itself.
-    c = Client(Settings(threshold=0.9, rel_threshold=0.65))
+    c = Client(ToneSettings(threshold=0.9, rel_threshold=0.65))
     c.enroll_ok("alice", ALICE)
     assert c.engine.self_scores["alice"] == pytest.approx(1.0)
     assert c.engine.thresholds() == {"alice": pytest.approx(0.65)}
     c.send({"type": "stream"})
     labs = labels(c.audio(tone(BETWEEN, 0.5)))  # cosine 0.6 < 0.65
     assert labs[0]["label"] == "noise"
-    c = Client(Settings(threshold=0.9, rel_threshold=0.55))
+    c = Client(ToneSettings(threshold=0.9, rel_threshold=0.55))
     c.enroll_ok("alice", ALICE)
     c.send({"type": "stream"})
     assert labels(c.audio(tone(BETWEEN, 0.5)))[0]["label"] == "alice"
@@ -807,7 +815,7 @@ def test_enrollment_reference_is_the_centroid_of_speech_sub_windows():
 
 
 def test_enrollment_with_one_speech_window_uses_the_whole_clip():
-    c = Client(Settings(threshold=0.3, speech_min_frac=0.8))
+    c = Client(ToneSettings(threshold=0.3, speech_min_frac=0.8))
     x = np.concatenate([tone(ALICE, 1.5), silence(2.0)])  # one speech window
     [msg] = c.enroll("alice", x)
     assert msg["type"] == "enrolled"
@@ -817,7 +825,7 @@ def test_enrollment_with_one_speech_window_uses_the_whole_clip():
 
 
 def test_enrollment_windows_are_capped_and_spread():
-    s = Settings()
+    s = ToneSettings()
     x = bursts(ALICE, 30.0)
     wins = enrollment_windows(x, s, max_windows=5)
     assert len(wins) == 5
@@ -835,7 +843,7 @@ def test_speakers_take_turns(two):
 
 
 def test_other_hop_settings():
-    c = Client(Settings(hop_s=0.25, window_s=1.0))
+    c = Client(ToneSettings(hop_s=0.25, window_s=1.0))
     c.enroll_ok("alice", ALICE)
     c.send({"type": "stream"})
     c.audio(tone(ALICE, 1.1))
@@ -991,7 +999,7 @@ def test_rate_exceeded_closes_1008():
 
 
 def test_rate_exceeded_after_the_burst():
-    settings = Settings(max_rate=20.0, rate_burst_s=10.0)
+    settings = ToneSettings(max_rate=20.0, rate_burst_s=10.0)
     c = Client(settings)
     c.send({"type": "enroll", "speaker": "alice"})
     sent, out = flood(c, c.encode(tone(ALICE, 1.0)), 0.001, 100)
@@ -1018,7 +1026,7 @@ def test_fast_but_allowed_rate_is_fine(two):
 
 
 def test_rate_limit_can_be_disabled():
-    c = Client(Settings(max_rate=0))
+    c = Client(ToneSettings(max_rate=0))
     c.enroll_ok("alice", ALICE)
     c.send({"type": "stream"})
     data = c.encode(tone(ALICE, 1.0))
@@ -1175,7 +1183,7 @@ def test_format_allowed_on_resumed_connection():
 
 # ============================================================== look-ahead
 def ahead() -> Client:
-    c = Client(Settings(lookahead_hops=1))
+    c = Client(ToneSettings(lookahead_hops=1))
     c.enroll_ok("alice", ALICE)
     c.enroll_ok("bob", BOB)
     return c
@@ -1227,8 +1235,8 @@ def test_lookahead_silent_hop_after_speech_is_embedded_but_silent():
 
 
 def test_lookahead_setting_is_validated_and_announced():
-    assert Settings(lookahead_hops=1).info()["lookahead_s"] == 0.5
-    assert Settings().info()["lookahead_s"] == 0.0
+    assert ToneSettings(lookahead_hops=1).info()["lookahead_s"] == 0.5
+    assert ToneSettings().info()["lookahead_s"] == 0.0
     with pytest.raises(ValueError, match="LOOKAHEAD"):
         Settings.from_env(env={"DIGLETT_LOOKAHEAD_HOPS": "2"})
 

@@ -1,0 +1,167 @@
+"""Where the speech is: per-frame speech flags of a stream, and what follows.
+
+Two detectors behind one small interface (`SpeechDetector`):
+- `SileroDetector` (the default): Silero VAD on 32 ms frames, run with
+  onnxruntime, no torch (`diglett/vad.py`); chosen by `bench/vad_compare.py`
+  over WebRTC VAD, TEN VAD and the level gate. It finds quiet talkers and
+  rejects stationary noise that a level gate cannot tell from speech.
+- `EnergyDetector`: the level gate (20 ms frames at or above `gate_dbfs`),
+  dependency-free and deterministic, for engines without the model (tests
+  of the protocol's rules) and for comparison.
+
+The pure functions below turn flags into the engine's decisions: how much of
+a hop is speech, and where the speech part of a window starts (a window that
+reaches back over a pause into an earlier turn is cut at the pause, so its
+embedding is of the talker now speaking; `bench/cv_decision.py` measures it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diglett import levels
+
+# Speech part of a window: a pause of at least PART_GAP_S ends a run; the
+# part is at least PART_MIN_S long and rounded up to PART_QUANTUM_S, so that
+# windows come in few lengths (a model batch holds windows of one length).
+PART_GAP_S = 0.19
+PART_MIN_S = 0.75
+PART_QUANTUM_S = 0.25
+SILERO_THRESHOLD = 0.5  # a 32 ms frame is speech at this probability
+
+
+class SpeechDetector:
+    """Speech flags of the frames of one 16 kHz stream.
+
+    `push` every sample of the stream in order (positions count from the
+    first sample pushed since `reset`); `frame_flags(start, audio)` answers
+    for the whole, already scored frames of samples [start, start + n), given
+    those samples `audio` (shape (n,), float32).
+    """
+
+    frame_samples: int = levels.FRAME_SAMPLES
+
+    def push(self, x: np.ndarray) -> None:
+        """Add the stream's next samples, shape (n,)."""
+
+    def reset(self) -> None:
+        """A new stream at sample 0."""
+
+    def frame_flags(self, start: int, audio: np.ndarray) -> tuple[int, np.ndarray]:
+        """(first frame's start sample, flags (k,) bool) of [start, start+n)."""
+        raise NotImplementedError
+
+
+class EnergyDetector(SpeechDetector):
+    """The level gate: a 20 ms frame is speech at or above `gate_dbfs`.
+
+    Frames are cut from `start` on (a trailing part of at least half a frame
+    counts as a frame, as `levels.frame_dbfs` does), so it needs no stream.
+    """
+
+    def __init__(self, gate_dbfs: float) -> None:
+        self.gate_dbfs = gate_dbfs
+
+    def frame_flags(self, start: int, audio: np.ndarray) -> tuple[int, np.ndarray]:
+        return start, levels.frame_dbfs(audio, self.frame_samples) >= self.gate_dbfs
+
+
+class SileroDetector(SpeechDetector):
+    """Silero VAD's frames (32 ms, aligned to the stream's start)."""
+
+    def __init__(self, threshold: float = SILERO_THRESHOLD) -> None:
+        from diglett import vad
+
+        self.frame_samples = vad.FRAME_SAMPLES
+        self._vad = vad.create(threshold=threshold)
+
+    def push(self, x: np.ndarray) -> None:
+        self._vad.push(x)
+
+    def reset(self) -> None:
+        self._vad.reset()
+
+    def frame_flags(self, start: int, audio: np.ndarray) -> tuple[int, np.ndarray]:
+        end = start + audio.size
+        f0, _ = self._vad.frame_range(start, end)
+        return f0 * self.frame_samples, self._vad.frame_flags(start, end)
+
+
+def window_lengths(window: int, sample_rate: int = 16000) -> list[int]:
+    """The lengths (samples) of the windows a stream's hops send, after the
+    first hops: the speech parts shorter than `window`, then `window`."""
+    q = int(round(PART_QUANTUM_S * sample_rate))
+    n = -(-int(round(PART_MIN_S * sample_rate)) // q) * q
+    return list(range(n, window, q)) + [window]
+
+
+def gap_frames(frame: int, sample_rate: int = 16000) -> int:
+    """Most non-speech frames inside a run: shorter than `PART_GAP_S`."""
+    return int(np.ceil(PART_GAP_S * sample_rate / frame)) - 1
+
+
+def make_detector(kind: str, gate_dbfs: float) -> SpeechDetector:
+    """The detector that `DIGLETT_VAD` names: "silero" or "energy"."""
+    if kind == "silero":
+        return SileroDetector()
+    if kind == "energy":
+        return EnergyDetector(gate_dbfs)
+    raise ValueError(f"unknown speech detector {kind!r}")
+
+
+# ------------------------------------------------------------ pure helpers
+def frame_bounds(first: int, frame: int, k: int, start: int, end: int) -> np.ndarray:
+    """(k, 2) sample ranges of `k` frames from `first`, clipped to [start, end)."""
+    lo = first + frame * np.arange(k, dtype=np.int64)
+    return np.stack([np.maximum(lo, start), np.minimum(lo + frame, end)], axis=1)
+
+
+def speech_fraction(
+    first: int, frame: int, flags: np.ndarray, start: int, end: int
+) -> float:
+    """Share of the flagged frames' samples inside [start, end) that are speech."""
+    if flags.size == 0:
+        return 0.0
+    b = frame_bounds(first, frame, flags.size, start, end)
+    covered = np.maximum(b[:, 1] - b[:, 0], 0)
+    total = int(covered.sum())
+    return float(covered[flags].sum()) / total if total else 0.0
+
+
+def speech_seconds(frame: int, flags: np.ndarray, sample_rate: int = 16000) -> float:
+    """Seconds of speech in whole frames of `frame` samples."""
+    return float(np.count_nonzero(flags)) * frame / sample_rate
+
+
+def last_run_start(
+    first: int, frame: int, flags: np.ndarray, max_gap_frames: int
+) -> int | None:
+    """Start sample of the last run of speech frames (gaps of at most
+    `max_gap_frames` non-speech frames do not end a run); None: no speech."""
+    idx = np.flatnonzero(flags)
+    if idx.size == 0:
+        return None
+    breaks = np.flatnonzero(np.diff(idx) > max_gap_frames + 1)
+    j = idx[breaks[-1] + 1] if breaks.size else idx[0]
+    return first + int(j) * frame
+
+
+def speech_part_start(
+    window_start: int,
+    end: int,
+    run_start: int | None,
+    frame: int,
+    sample_rate: int = 16000,
+) -> int:
+    """Where the embedded part of the window [window_start, end) starts.
+
+    The whole window unless the last speech run starts more than a frame
+    into it; then from the run's start, at least `PART_MIN_S` long and
+    rounded up to `PART_QUANTUM_S`, never longer than the window.
+    """
+    if run_start is None or run_start <= window_start + frame:
+        return window_start
+    q = int(round(PART_QUANTUM_S * sample_rate))
+    n = max(end - run_start, int(round(PART_MIN_S * sample_rate)))
+    n = -(-n // q) * q
+    return max(window_start, end - n)

@@ -1,0 +1,212 @@
+"""Speech detection, speech-part windows, adapting references and the
+enrollment warnings, on real speech where it matters. Milliseconds: no
+embedding model (a fixed vector stands in), no Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SHARED, load16, needs_speakers, utterances
+from diglett import speech
+from diglett.decision import ADAPT_MAX_WEIGHT, Adaptation, confident, normalize
+from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob, SessionEngine
+from diglett.session import clip_flags, enrollment_warnings
+from diglett.settings import Settings
+
+SR = 16000
+MORE = SHARED / "data" / "speakers-more"
+
+
+def at_level(x: np.ndarray, dbfs: float) -> np.ndarray:
+    """`x` scaled so that its loudest half of 20 ms frames is at `dbfs`."""
+    n = x.size // 320
+    ms = np.mean(np.square(x[: n * 320].reshape(n, 320), dtype=np.float64), 1)
+    level = 10 * np.log10(np.mean(np.sort(ms)[n // 2 :]))
+    return (x * 10 ** ((dbfs - level) / 20)).astype(np.float32)
+
+
+def white(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(int(seconds * SR))
+    return (x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ pure
+def test_speech_fraction_weighs_frames_by_their_samples_inside():
+    flags = np.array([True, False, True, True])
+    # frames of 100 from 50: [50,150) [150,250) [250,350) [350,450)
+    assert speech.speech_fraction(50, 100, flags, 50, 450) == pytest.approx(0.75)
+    # [100, 300): 50 speech + 100 non-speech + 50 speech samples
+    assert speech.speech_fraction(50, 100, flags, 100, 300) == pytest.approx(0.5)
+    assert speech.speech_fraction(0, 100, np.zeros(0, bool), 0, 100) == 0.0
+
+
+def test_last_run_start_bridges_short_gaps_only():
+    f = np.array([1, 1, 0, 0, 0, 1, 1, 0, 1, 1], dtype=bool)
+    assert speech.last_run_start(0, 10, f, max_gap_frames=1) == 50
+    assert speech.last_run_start(0, 10, f, max_gap_frames=3) == 0
+    assert speech.last_run_start(0, 10, np.zeros(4, bool), 3) is None
+
+
+def test_speech_part_start_keeps_at_least_the_minimum_in_few_lengths():
+    w0, end = 0, 24000
+    assert speech.speech_part_start(w0, end, None, 512) == 0
+    assert speech.speech_part_start(w0, end, 512, 512) == 0  # run covers it
+    # a run that began 0.3 s before the end: 0.75 s kept
+    assert speech.speech_part_start(w0, end, end - 4800, 512) == end - 12000
+    # 1.1 s of run: rounded up to 1.25 s
+    assert speech.speech_part_start(w0, end, end - 17600, 512) == end - 20000
+    assert speech.speech_part_start(w0, end, 2000, 512) == 0  # never longer
+
+
+def test_an_adapted_reference_keeps_the_enrollment_at_half_the_weight():
+    e = normalize(np.array([1.0, 0.0, 0.0]))
+    other = np.array([0.0, 1.0, 0.0])
+    a = Adaptation(e)
+    for _ in range(1000):
+        a.add(other)
+    w = ADAPT_MAX_WEIGHT
+    assert a.reference @ e == pytest.approx((1 - w) / np.hypot(1 - w, w))
+    assert a.reference @ e > 0.7  # never taken over, however many windows
+
+
+def test_only_clear_wins_adapt():
+    bars = {"alice": 0.2, "bob": 0.2}
+    assert confident({"alice": 0.5, "bob": 0.1}, bars, "alice")
+    assert not confident({"alice": 0.25, "bob": 0.0}, bars, "alice")  # near bar
+    assert not confident({"alice": 0.5, "bob": 0.4}, bars, "alice")  # near bob
+    assert not confident({"alice": 0.5, "bob": 0.1}, bars, "noise")
+
+
+# ------------------------------------------------------- on real speech
+@pytest.fixture(scope="module")
+def voices() -> dict[str, np.ndarray]:
+    u = utterances()
+    return {k: load16(v[0]) for k, v in u.items()}
+
+
+def run_engine(settings: Settings, enroll: dict, stream: np.ndarray, embed):
+    """Enroll and stream through a SessionEngine in 0.1 s frames; returns
+    (labels, hop jobs, other messages)."""
+    eng = SessionEngine(settings)
+    msgs, hop_jobs = [], []
+
+    def handle(actions):
+        jobs = eng.jobs(actions)
+        hop_jobs.extend(j for j in jobs if isinstance(j, HopJob))
+        out, _ = eng.finish(actions, [embed(j) for j in jobs])
+        msgs.extend(out)
+
+    def send(x):
+        for i in range(0, x.size, 1600):
+            pcm = (np.clip(x[i : i + 1600], -1, 1) * 32767).astype("<i2").tobytes()
+            handle(eng.on_binary(pcm, 0.0))
+
+    for name, x in enroll.items():
+        handle(eng.on_text(json.dumps({"type": "enroll", "speaker": name}), 0.0))
+        send(x)
+        handle(eng.on_text(json.dumps({"type": "enroll_end"}), 0.0))
+    handle(eng.on_text(json.dumps({"type": "stream"}), 0.0))
+    send(stream)
+    handle(eng.on_text(json.dumps({"type": "end"}), 0.0))
+    labels = [m for m in msgs if m["type"] == "label"]
+    return labels, hop_jobs, [m for m in msgs if m["type"] != "label"]
+
+
+def constant(job):
+    return np.array([1.0, 0.0, 0.0], np.float32)
+
+
+@needs_speakers
+def test_silero_finds_a_quiet_talker_and_ignores_noise_that_the_gate_takes(voices):
+    """-45 dBFS speech is speech; -45 dBFS white noise alone is silence."""
+    x = voices["VCTK-p225"]
+    enroll = {"alice": at_level(x, -25.0)}
+    quiet = at_level(x, -45.0)
+    noise = white(3.0, -45.0)
+    stream = np.concatenate([quiet, noise])
+    n_quiet = quiet.size // 8000
+    for vad, want_noise in (("silero", "silence"), ("energy", "alice")):
+        labels, _, _ = run_engine(Settings(vad=vad), enroll, stream, constant)
+        speechy = [m["label"] != "silence" for m in labels[1 : n_quiet - 1]]
+        assert np.mean(speechy) > 0.8, vad
+        tail = [m["label"] for m in labels[n_quiet + 1 : -1]]
+        if vad == "silero":
+            assert tail == [want_noise] * len(tail)
+        else:  # the level gate takes -45 dBFS noise for speech
+            assert tail.count(want_noise) > len(tail) // 2
+
+
+@needs_speakers
+def test_a_window_reaching_back_over_a_pause_is_cut_to_the_new_turn(voices):
+    a, b = voices["VCTK-p225"], voices["VCTK-p226"]
+    turn_a = at_level(a[: 3 * SR], -25.0)
+    gap = white(0.8, -70.0)
+    turn_b = at_level(b[: 3 * SR], -25.0)
+    stream = np.concatenate([turn_a, gap, turn_b])
+    _, jobs, _ = run_engine(Settings(), {"alice": at_level(a, -25)}, stream, constant)
+    b_start = turn_a.size + gap.size
+    first_b = [j for j in jobs if j.end_s * SR > b_start + 4000][0]
+    assert first_b.window.size < Settings().window_samples
+    # it starts within a VAD frame or two of B's first sample
+    start = first_b.end_s * SR - first_b.window.size
+    assert start >= b_start - 2 * 512 - 4000
+    deep = [j for j in jobs if j.end_s * SR > b_start + 2.5 * SR][0]
+    assert deep.window.size == Settings().window_samples  # inside a turn: whole
+
+
+@needs_speakers
+def test_enrollment_warnings_on_real_cases(voices):
+    s = Settings()
+    x = at_level(voices["VCTK-p227"], -24.0)
+
+    def warn(clip):
+        return enrollment_warnings(clip, clip_flags(clip, s), False)
+
+    assert warn(x) == []
+    assert "quiet" in warn(at_level(x, -48.0))
+    assert "quiet" not in warn(at_level(x, -36.0))
+    assert "noisy" in warn(x + white(x.size / SR, -30.0)[: x.size])
+    assert "noisy" not in warn(x + white(x.size / SR, -60.0)[: x.size])
+    clipped = np.clip(x * 30, -1, 1).astype(np.float32)
+    assert "clipping" in warn(clipped)
+
+
+@needs_speakers
+@pytest.mark.skipif(not (MORE / "manifest.csv").is_file(), reason="no speakers-more")
+def test_recorded_noise_at_5_to_10_db_snr_is_noisy_and_studio_takes_are_not():
+    s = Settings()
+    noisy = sorted((MORE / "IEEE-LoizouM").glob("*_snr*.wav"))
+    assert len(noisy) == 4
+    for path in noisy:
+        x = load16(path)
+        assert "noisy" in enrollment_warnings(x, clip_flags(x, s), False), path.name
+    for paths in utterances().values():
+        for path in paths:
+            x = load16(path)
+            w = enrollment_warnings(x, clip_flags(x, s), False)
+            assert "noisy" not in w, (path.name, w)
+
+
+@needs_speakers
+def test_mostly_silent_enrollment_is_too_short_however_long(voices):
+    """5 s of audio holding ~1 s of speech: `enroll_too_short`, as the VAD
+    counts speech (the level gate counted the noise floor in)."""
+    x = at_level(voices["VCTK-p228"][:SR], -25.0)
+    clip = np.concatenate([x, white(4.0, -50.0)])
+    eng = SessionEngine(Settings())
+    eng.on_text(json.dumps({"type": "enroll", "speaker": "alice"}), 0.0)
+    eng.on_binary((clip * 32767).astype("<i2").tobytes()[: 2 * SR], 0.0)
+    for i in range(SR, clip.size, SR):
+        eng.on_binary((clip[i : i + SR] * 32767).astype("<i2").tobytes(), 0.0)
+    out = eng.on_text(json.dumps({"type": "enroll_end"}), 0.0)
+    assert out[0]["code"] == "enroll_too_short", out
+    assert not any(isinstance(a, (EnrollJob, EnrollWindowJob, Close)) for a in out)
+
+
+def test_window_lengths_are_the_parts_then_the_window():
+    assert speech.window_lengths(24000) == [12000, 16000, 20000, 24000]
+    assert speech.window_lengths(12000) == [12000]
