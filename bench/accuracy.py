@@ -60,6 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import conversations as cv  # noqa: E402
+from bench import devset  # noqa: E402
 from bench import metrics as mt  # noqa: E402
 from bench import tune_decision as td  # noqa: E402
 from bench.eer import eer  # noqa: E402
@@ -354,7 +355,15 @@ def markdown(res: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+CONDITION: dict[str, str] = {}  # conversation key -> dev-set condition
+
+
 def build(args) -> list[td.Prepared]:
+    if args.devset:
+        devs = devset.dev_set(args.per_condition, which=args.devset.split(","))
+        CONDITION.update({d.key: d.condition for d in devs})
+        preps = [td.prepare(d.key, d.conv) for d in devs]
+        return preps[: args.limit] if args.limit else preps
     utts = cv.load_speakers(args.speakers_dir)
     if args.speakers:
         speakers = [x for x in args.speakers.split(",") if x]
@@ -388,6 +397,7 @@ def run(args) -> dict:
             http_base(url), args.token, cache_dir, info["model"].replace("/", "_")
         )
         ours_tot, seed_tot = mt.Score(), mt.Score()
+        by_condition: dict[str, list[mt.Score]] = {}
         ours_tr, seed_tr = ([], []), ([], [])
         per, lat_server, lat_client, warnings = [], [], [], {}
         stream_s = seed_s = 0.0
@@ -407,6 +417,9 @@ def run(args) -> dict:
                 conv.truth, slabels, conv.speakers, duration_s=conv.duration_s
             )
             ours_tot, seed_tot = ours_tot + so, seed_tot + ss
+            cond = CONDITION.get(p.key, "all")
+            pair = by_condition.setdefault(cond, [mt.Score(), mt.Score()])
+            pair[0], pair[1] = pair[0] + so, pair[1] + ss
             w = got["ready"]["window_s"]
             ahead = got["ready"].get("lookahead_s", 0.0)
             ends = [min(m["end_s"] + ahead, conv.duration_s) for m in labels]
@@ -483,6 +496,10 @@ def run(args) -> dict:
             "client_s_p95": q(lat_client, 95),
         },
         "enrollment_warnings": warnings,
+        "by_condition": {
+            k: {"ours": o.accuracy, "seed": b.accuracy, "frames": o.frames}
+            for k, (o, b) in sorted(by_condition.items())
+        },
         "per_conversation": per,
         "runtime_s": {
             "total": time.perf_counter() - t_start,
@@ -521,11 +538,19 @@ def report(res: dict) -> None:
         f"p95 {lat['client_s_p95']:.3f} s ({'real time' if lat['realtime'] else 'fast'})"
     )
     print(f"enrollment warnings: {res['enrollment_warnings']}")
+    for k, v in res["by_condition"].items():
+        print(f"  {k:8s} ours {pct(v['ours'])}, seed {pct(v['seed'])}")
     print(f"run time {res['runtime_s']['total']:.0f} s")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--devset",
+        default=devset.HELD,
+        help="dev-set folds (bench/devset.py), comma list; '' for --split",
+    )
+    ap.add_argument("--per-condition", type=int, default=4)
     ap.add_argument("--speakers-dir", default=str(cv.DEFAULT_SPEAKERS_DIR))
     ap.add_argument("--split", choices=("held-out", "tune", "all"), default="held-out")
     ap.add_argument("--speakers", default="", help="comma list; overrides --split")
