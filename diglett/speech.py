@@ -74,14 +74,21 @@ class SileroDetector(SpeechDetector):
 
         self.frame_samples = vad.FRAME_SAMPLES
         self._vad = vad.create(threshold=threshold)
+        self._pending: list[np.ndarray] = []
 
     def push(self, x: np.ndarray) -> None:
-        self._vad.push(x)
+        # Scored when asked: one model call per hop, not one per frame the
+        # client sent (bench: ~0.3 ms of CPU a hop at 0.1 s frames).
+        self._pending.append(x)
 
     def reset(self) -> None:
+        self._pending = []
         self._vad.reset()
 
     def frame_flags(self, start: int, audio: np.ndarray) -> tuple[int, np.ndarray]:
+        if self._pending:
+            self._vad.push(np.concatenate(self._pending))
+            self._pending = []
         end = start + audio.size
         f0, _ = self._vad.frame_range(start, end)
         return f0 * self.frame_samples, self._vad.frame_flags(start, end)
