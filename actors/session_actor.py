@@ -254,8 +254,7 @@ class SessionActor:
     async def restore(self, enrollments: dict) -> None:
         """Seed a re-created session; it then waits for a resume (TTL)."""
         for name, (reference, self_score) in enrollments.items():
-            self.engine.enrollments[name] = reference
-            self.engine.self_scores[name] = self_score
+            self.engine.set_reference(name, reference, self_score)
         self._attached = False
         self._touch()
 

@@ -379,9 +379,7 @@ class SessionEngine:
             ref, self_score = enrollment_reference(parts)
         else:  # too little speech for sub-windows: the whole clip
             ref, self_score = normalize(embedding), None
-        self.enrollments[job.speaker] = ref
-        self.self_scores[job.speaker] = self_score
-        self.adapted[job.speaker] = Adaptation(ref)
+        self.set_reference(job.speaker, ref, self_score)
         return {
             "type": "enrolled",
             "speaker": job.speaker,
@@ -413,6 +411,15 @@ class SessionEngine:
         msg["_recv_t"] = job.recv_t
         self.stats.add(label, job.end_s - job.start_s)
         return msg
+
+    def set_reference(
+        self, name: str, reference: np.ndarray, self_score: float | None
+    ) -> None:
+        """Enroll `name` with a unit `reference` (d,) and its self-score (a
+        finished enrollment, or one restored); its adaptation starts anew."""
+        self.enrollments[name] = reference
+        self.self_scores[name] = self_score
+        self.adapted[name] = Adaptation(reference)
 
     def thresholds(self) -> dict[str, float]:
         """Each enrolled speaker's cosine bar (see decision.speaker_threshold)."""

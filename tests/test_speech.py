@@ -210,3 +210,20 @@ def test_mostly_silent_enrollment_is_too_short_however_long(voices):
 def test_window_lengths_are_the_parts_then_the_window():
     assert speech.window_lengths(24000) == [12000, 16000, 20000, 24000]
     assert speech.window_lengths(12000) == [12000]
+
+
+def test_a_restored_session_scores_and_adapts_every_speaker():
+    """SessionActor.restore seeds speakers through `set_reference`; their
+    labels carry every speaker's score (a restore once left them empty)."""
+    eng = SessionEngine(Settings(vad="energy"))
+    eng.set_reference("alice", normalize(np.array([1.0, 0.0, 0.0])), 0.8)
+    eng.set_reference("bob", normalize(np.array([0.0, 1.0, 0.0])), 0.8)
+    eng.on_text(json.dumps({"type": "stream"}), 0.0)
+    x = (white(1.0, -20.0) * 32767).astype("<i2").tobytes()
+    acts = eng.on_binary(x, 0.0)
+    out, _ = eng.finish(acts, [np.array([1.0, 0.0, 0.0])] * len(eng.jobs(acts)))
+    labels = [m for m in out if m["type"] == "label"]
+    assert len(labels) == 2
+    for m in labels:
+        assert m["label"] == "alice" and set(m["scores"]) == {"alice", "bob"}
+    assert eng.adapted["alice"].count == 2 and eng.adapted["bob"].count == 0
