@@ -33,6 +33,10 @@ accuracy, speech recall, non-speech precision and non-speech recall; per
 server's own `levels.has_speech` rule) the same four. Summary rows give the
 mean over conditions and the worst condition.
 
+WebRTC VAD and TEN VAD are not dependencies of Diglett: install them to
+rerun (`.venv/bin/pip install webrtcvad-wheels ten-vad`; TEN's library also
+needs Debian's `libc++1`).
+
 Cost: CPU time (time.thread_time) per 0.5 s hop of audio streamed in 0.1 s
 pushes, single-threaded, including the per-hop `speech_fraction` query; and,
 in a fresh process each, import + creation time and RSS delta of one

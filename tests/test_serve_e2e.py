@@ -19,7 +19,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from actors.session_actor import actor_name
-from conftest import API_TOKEN, load16, needs_model, needs_speakers, to_s16, utterances
+from conftest import (
+    API_TOKEN,
+    E2E_ENV,
+    load16,
+    needs_model,
+    needs_speakers,
+    to_s16,
+    utterances,
+)
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -539,11 +547,18 @@ def session_actor_names() -> set[str]:
 
 def full_pool(pool: int) -> set[str]:
     """The names of the live SessionActors, once there are `pool` of them
-    (or after 90 s): with no session open, the warm pool."""
+    and the set held still for 2 s (or after 90 s): with no session open,
+    the warm pool. Sessions an earlier test dropped live on for the test
+    server's TTL and are counted until they end, so it waits that out."""
+    time.sleep(float(E2E_ENV["DIGLETT_SESSION_TTL_S"]) + 1.0)
     deadline = time.monotonic() + 90
-    while len(session_actor_names()) < pool and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(1.0)  # the last one listed may still be starting
+    last: set[str] = set()
+    while time.monotonic() < deadline:
+        names = session_actor_names()
+        if len(names) >= pool and names == last:
+            return names
+        last = names
+        time.sleep(2.0)
     return session_actor_names()
 
 
