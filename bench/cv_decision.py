@@ -82,11 +82,19 @@ def _no_adapt():
     return _patch(decision, "ADAPT_MAX_WEIGHT", 0.0)
 
 
+def _strict_adapt():
+    from diglett import decision
+
+    undo = [_patch(decision, "ADAPT_MARGIN", 0.15), _patch(decision, "ADAPT_GAP", 0.3)]
+    return lambda: [u() for u in undo]
+
+
 # (name, patch returning its undo, settings changed): each step taken away
-# from the chosen setting alone, to show what it buys.
+# from the chosen setting alone, to show what it buys, and variants of it.
 ABLATIONS = (
     ("without speech-part windows", _no_part, {}),
     ("without adapting references", _no_adapt, {}),
+    ("adapting on clearer wins only (0.15 / 0.3)", _strict_adapt, {}),
     ("level gate instead of Silero VAD", lambda: (lambda: None), {"vad": "energy"}),
 )
 
