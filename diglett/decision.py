@@ -17,8 +17,8 @@ a speaker with a clear margin, over its bar and over the other speakers,
 joins that speaker's confident windows, and the reference becomes a blend
 of the enrollment and their mean, the enrollment always keeping at least
 half the weight, so a room, a microphone or a voice on a different day is
-learnt while an intruder, who never clears the margins, cannot take a
-reference over. `bench/cv_decision.py` measures each choice, cross-validated
+learnt, while an intruder whose windows clear the margins (one close to the
+speaker) can pull the reference at most half way towards itself. `bench/cv_decision.py` measures each choice, cross-validated
 over speakers (docs/accuracy.md).
 """
 
