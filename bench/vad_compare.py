@@ -282,43 +282,17 @@ class EnergyStream:
         return np.concatenate(self.scores) if self.scores else np.zeros(0)
 
 
-class WebrtcStream:
-    """webrtcvad.Vad(mode) on `ms`-long int16 frames: score = 0/1."""
+class Int16FrameStream:
+    """Cuts a float stream into `frame`-sample int16 frames for a detector
+    that scores one frame per call (`score(frame) -> float`)."""
 
-    def __init__(self, mode: int, ms: int = 30) -> None:
-        import webrtcvad
-
-        self.vad = webrtcvad.Vad(mode)
-        self.frame = SR * ms // 1000
+    def __init__(self, frame: int) -> None:
+        self.frame = frame
         self.rest = np.zeros(0, np.float32)
         self.scores: list[float] = []
 
-    def push(self, x: np.ndarray) -> None:
-        x = np.concatenate([self.rest, x])
-        n = x.size // self.frame
-        pcm = np.clip(np.round(x[: n * self.frame] * 32768.0), -32768, 32767)
-        raw = pcm.astype("<i2").tobytes()
-        step = 2 * self.frame
-        for i in range(n):
-            self.scores.append(
-                float(self.vad.is_speech(raw[i * step : (i + 1) * step], SR))
-            )
-        self.rest = x[n * self.frame :]
-
-    def all_scores(self) -> np.ndarray:
-        return np.asarray(self.scores, np.float32)
-
-
-class TenStream:
-    """ten_vad.TenVad(hop) on int16 frames: score = speech probability."""
-
-    def __init__(self, hop: int = 256) -> None:
-        from ten_vad import TenVad
-
-        self.vad = TenVad(hop, 0.5)
-        self.frame = hop
-        self.rest = np.zeros(0, np.float32)
-        self.scores: list[float] = []
+    def score(self, pcm: np.ndarray) -> float:
+        raise NotImplementedError
 
     def push(self, x: np.ndarray) -> None:
         x = np.concatenate([self.rest, x])
@@ -326,12 +300,38 @@ class TenStream:
         pcm = np.clip(np.round(x[: n * self.frame] * 32768.0), -32768, 32767)
         pcm = pcm.astype(np.int16)
         for i in range(n):
-            prob, _ = self.vad.process(pcm[i * self.frame : (i + 1) * self.frame])
-            self.scores.append(float(prob))
+            self.scores.append(self.score(pcm[i * self.frame : (i + 1) * self.frame]))
         self.rest = x[n * self.frame :]
 
     def all_scores(self) -> np.ndarray:
         return np.asarray(self.scores, np.float32)
+
+
+class WebrtcStream(Int16FrameStream):
+    """webrtcvad.Vad(mode) on `ms`-long int16 frames: score = 0/1."""
+
+    def __init__(self, mode: int, ms: int = 30) -> None:
+        import webrtcvad
+
+        super().__init__(SR * ms // 1000)
+        self.vad = webrtcvad.Vad(mode)
+
+    def score(self, pcm: np.ndarray) -> float:
+        return float(self.vad.is_speech(pcm.astype("<i2").tobytes(), SR))
+
+
+class TenStream(Int16FrameStream):
+    """ten_vad.TenVad(hop) on int16 frames: score = speech probability."""
+
+    def __init__(self, hop: int = 256) -> None:
+        from ten_vad import TenVad
+
+        super().__init__(hop)
+        self.vad = TenVad(hop, 0.5)
+
+    def score(self, pcm: np.ndarray) -> float:
+        prob, _ = self.vad.process(pcm)
+        return float(prob)
 
 
 class SileroStream:

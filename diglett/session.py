@@ -178,11 +178,12 @@ def enrollment_warnings(x: np.ndarray, flags: FrameFlags, truncated: bool) -> li
     warnings = ["truncated"] if truncated else []
     db = levels.frame_dbfs(x[flags.first :], flags.frame)[: flags.flags.size]
     sp = db[flags.flags[: db.size]]
-    if not sp.size or _power_mean_db(sp) < QUIET_DBFS:
+    speech_db = _power_mean_db(sp) if sp.size else None
+    if speech_db is None or speech_db < QUIET_DBFS:
         warnings.append("quiet")
     if levels.clipping_fraction(x) > CLIPPING_FRACTION:
         warnings.append("clipping")
-    if sp.size and _power_mean_db(sp) - np.percentile(db, 10) < NOISY_SNR_DB:
+    if speech_db is not None and speech_db - np.percentile(db, 10) < NOISY_SNR_DB:
         warnings.append("noisy")
     return warnings
 
