@@ -15,8 +15,9 @@ The price: a C++ compiler, and ~2 minutes of CPU on a 2-core machine for
 the build. So no replica waits for it. A replica without a package for its
 machine serves the traced model and starts the build in a process of its
 own, at the lowest CPU priority (it takes only idle time) and ending with
-the replica, which swaps the package in once it is ready
-(Embedder.adopt_compiled_int8); replicas started later load it at once.
+the replica. That replica keeps the traced model (a model is never swapped
+under the sessions whose enrollments it embedded); replicas started later
+load the package at once (Embedder.adopt_compiled_int8).
 A package holds code for one CPU instruction set and thread count, so its
 name carries a key of everything it depends on; a failed build leaves a
 `.failed` note with the reason and is not retried for that key.

@@ -155,8 +155,9 @@ class Embedder:
     ) -> str:
         """Run this machine's compiled int8 package (diglett/compiled_int8.py)
         if one is built for `threads` torch threads; otherwise start its
-        build in the background (`cpu_int8_build`), for `adopt_compiled_int8`
-        once it is done. Returns what runs now: "compiled" or "traced"."""
+        build in the background (`cpu_int8_build`) for replicas started
+        later, and keep the traced model. Returns what runs now: "compiled"
+        or "traced"."""
         from diglett import compiled_int8
 
         if self.device != "cpu" or self.precision != "int8":
@@ -172,13 +173,9 @@ class Embedder:
         return self.cpu_int8
 
     def adopt_compiled_int8(self) -> bool:
-        """Swap in the compiled package if it is built and loads; True if
-        it runs now. Call it from the thread that runs the batches.
-
-        A replica that built it swaps during its life: windows embedded
-        after the swap move by cosine ~0.995 against those before (its
-        sessions' enrollments), less than the traced model's batch
-        neighbours move them.
+        """Load the compiled package if it is built and loads; True if it
+        runs now. Called once, before the replica serves: a model is never
+        swapped under live sessions, whose enrollments it embedded.
         """
         from diglett import compiled_int8
 
@@ -222,6 +219,14 @@ class Embedder:
 
         if self.device.startswith("cuda"):
             return self._run_cuda(rows)
+        if self.cpu_int8 == "traced":
+            # Its int8 activations are scaled by the range of the whole
+            # batch, so a window runs alone: its embedding never depends on
+            # another session's audio (tests/test_int8.py). At one torch
+            # thread that costs nothing (bench/cpu_model.py, "traced alone").
+            return np.concatenate(
+                [self._forward(torch.from_numpy(r[None]), 1).numpy() for r in rows]
+            )
         b = len(rows)
         wavs = torch.from_numpy(np.stack(rows))
         return self._forward(wavs, b).cpu().numpy()

@@ -80,10 +80,11 @@ class Settings:
     cpu_precision: str = "int8"
     # 1: with int8, a CPU replica runs this machine's int8 model compiled
     # ahead of time (torchao + AOTInductor, diglett/compiled_int8.py: 1.2-1.3x
-    # the traced model's windows/s, a window's embedding independent of its
-    # batch) once it is built: the first replica on a machine serves the
-    # traced model and builds it in the background (a C++ compiler, ~2 min
-    # of idle CPU, once per machine), later ones load it. 0: traced only.
+    # the traced model's windows/s, bench/compiled_int8.py) once it is
+    # built: the first replica on a machine serves the traced model and
+    # builds it in the background (a C++ compiler, ~2 min of idle CPU, once
+    # per machine); replicas started later load it, none swaps it in while
+    # it serves. 0: traced only. Both are batch-invariant.
     cpu_compile: int = 1
     # Enrollment windows each node's EmbedBatcher keeps out at once; a
     # stream's windows go first (diglett/lanes.py), so sessions that start

@@ -162,9 +162,10 @@ APP = "compiled-int8"
 
 @pytest.fixture(scope="module")
 def built(server, tmp_path_factory):
-    """A Serve app with an empty cache: its replica serves the traced model,
-    builds the compiled one in the background and swaps it in. Yields
-    (cache dir, torch threads, the app's route prefix)."""
+    """A Serve app with an empty cache: its replica serves the traced model
+    and builds the compiled one in the background, but never swaps it in
+    under its live sessions; the app deployed again loads it at start.
+    Yields (cache dir, torch threads, the app's route prefix)."""
     import time
 
     from ray import serve
@@ -183,12 +184,18 @@ def built(server, tmp_path_factory):
     try:
         handle = serve.get_deployment_handle("EmbeddingDeployment", app_name=APP)
         assert handle.info.remote().result(timeout_s=60)["cpu_int8"] == "traced"
+        package = package_path(cache, threads)
         deadline = time.monotonic() + 1200
-        while handle.info.remote().result(timeout_s=60)["cpu_int8"] != "compiled":
-            log = package_path(cache, threads).with_suffix(".log")
+        while not (package.is_file() and compiled_int8.runner_path(package).is_file()):
+            log = package.with_suffix(".log")
             assert time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(5)
-        assert package_path(cache, threads).is_file()
+        time.sleep(10)  # what a swap once took, after the build ended
+        assert handle.info.remote().result(timeout_s=60)["cpu_int8"] == "traced"
+        serve.delete(APP)
+        prefix = deploy_app(APP, env)
+        handle = serve.get_deployment_handle("EmbeddingDeployment", app_name=APP)
+        assert handle.info.remote().result(timeout_s=60)["cpu_int8"] == "compiled"
         yield cache, threads, prefix
     finally:
         serve.delete(APP)
@@ -242,8 +249,8 @@ def test_compiled_embeds_close_to_float32_and_alone_as_in_a_batch(built):
 @pytest.mark.model
 @pytest.mark.serve
 def test_a_replica_labels_right_on_the_model_it_built(built, server):
-    """The replica that built the package and swapped it in labels a
-    WebSocket session right."""
+    """A replica that loaded the package built here labels a WebSocket
+    session right."""
     from test_serve_e2e import drain, enroll, open_ws, recv, send_audio
 
     _, _, prefix = built

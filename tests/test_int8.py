@@ -125,18 +125,26 @@ def test_precision_setting_is_validated():
 @needs_model
 @needs_speakers
 @pytest.mark.model
-def test_int8_batch_neighbours_move_an_embedding_only_a_little():
-    """Activation scales are per batch: a quiet window batched with a loud one
-    stays within cosine 0.99 of itself alone, and fp32 is batch-independent."""
+def test_an_embedding_does_not_depend_on_its_batch_neighbours():
+    """A quiet window embedded beside loud ones (other sessions' audio) gets
+    the embedding it gets alone, within 1e-4, in int8 (each window runs
+    alone: the traced model's activation scales are per batch) and fp32."""
     from diglett.embedder import Embedder
 
     x = load16(utterances()["LS-19"][1])
     quiet, loud = 0.05 * x[:24000], np.clip(8 * x[24000:48000], -1, 1)
-    for precision, bound in (("int8", 0.99), ("fp32", 0.9999)):
+    others = [loud, quiet[::-1].copy(), np.clip(4 * x[48000:72000], -1, 1)]
+    for precision in ("int8", "fp32"):
         emb = Embedder.load(model_dir(), "cpu", precision)
         [alone] = emb.embed([quiet])
-        together = emb.embed([quiet, loud, quiet[::-1].copy()])[0]
-        assert np.dot(normalize(alone), normalize(together)) > bound, precision
+        together = emb.embed(others[:1] + [quiet] + others[1:])[1]
+        assert np.abs(alone - together).max() < 1e-4 * np.abs(alone).max(), precision
+    # What it guards against: the same model on the whole batch moves it.
+    batched = Embedder.load(model_dir(), "cpu", "int8")
+    batched.cpu_int8 = "batched"
+    [alone] = batched.embed([quiet])
+    together = batched.embed(others[:1] + [quiet] + others[1:])[1]
+    assert np.abs(alone - together).max() > 1e-3 * np.abs(alone).max()
 
 
 @pytest.mark.parametrize("k,dilation", [(3, 2), (3, 4), (5, 1)])

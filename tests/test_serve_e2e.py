@@ -751,3 +751,48 @@ def test_a_request_of_many_megabytes_reaches_the_embedding_tier(server, voices):
     embs = ray.get(batcher.embed.remote([window] * n), timeout=180)
     assert len(embs) == n
     assert all(np.allclose(e, embs[0], atol=1e-3) for e in embs[:3])
+
+
+def test_a_sessions_scores_do_not_depend_on_other_sessions_audio(server, voices):
+    """The same conversation, streamed alone and then beside five sessions
+    streaming loud speech (batched with it in the embedding tier), gets the
+    same labels and scores within 1e-4."""
+    conv = np.concatenate(
+        [voices["a_test"], np.zeros(8000, np.float32), voices["b_test"]]
+    )
+    loud = np.clip(6 * voices["c_test"], -1, 1)
+
+    def run(enrolls: dict[str, np.ndarray], x: np.ndarray, pace: float) -> list[dict]:
+        with open_ws(server) as ws:
+            recv(ws)
+            for name, clip in enrolls.items():
+                assert enroll(ws, name, clip)["type"] == "enrolled"
+            ws.send(json.dumps({"type": "stream"}))
+            for i in range(0, x.size, 1600):  # `pace` x real time
+                ws.send(to_s16(x[i : i + 1600]))
+                time.sleep(0.1 / pace)
+            ws.send(json.dumps({"type": "end"}))
+            return [m for m in drain(ws)[0] if m["type"] == "label"]
+
+    pair = {"alice": voices["a_enroll"], "bob": voices["b_enroll"]}
+    alone = run(pair, conv, 1.0)
+    results: dict[int, list[dict]] = {}
+
+    def crowd(k: int) -> None:
+        # Twice real time: the model is busy, so windows wait and batch.
+        results[k] = run({"carol": loud[: 3 * 16000]}, np.tile(loud, 5), 2.0)
+
+    others = [threading.Thread(target=crowd, args=(k,)) for k in range(5)]
+    for t in others:
+        t.start()
+    time.sleep(3.0)  # they enroll and start streaming first
+    beside = run(pair, conv, 1.0)
+    for t in others:
+        t.join(180)
+    assert all(results.get(k) for k in range(5)), "the loud sessions got labels"
+    assert [m["label"] for m in beside] == [m["label"] for m in alone]
+    for a, b in zip(alone, beside):
+        assert (a["start_s"], a["end_s"]) == (b["start_s"], b["end_s"])
+        assert set(a.get("scores", {})) == set(b.get("scores", {}))
+        for name, score in a.get("scores", {}).items():
+            assert b["scores"][name] == pytest.approx(score, abs=1e-4), (a, b)
