@@ -6,7 +6,7 @@ the same objects in every process. This server imports them once, then, for
 each `actors/fork_shim.py` that asks, forks a child that runs Ray's
 `default_worker.py` with the shim's argv, environment, working directory and
 standard streams. The children share the imported pages copy-on-write and
-keep only what they write to (README, "Performance").
+keep only what they write to (docs/performance.md).
 
 What makes forking safe here:
 - the server is single-threaded when it forks (checked; OpenBLAS is kept to

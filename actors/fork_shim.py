@@ -9,7 +9,7 @@ the process Ray started, until that worker ends:
 - the fork server forks the worker from a process that has already imported
   Ray, numpy and the session code, so the worker shares those pages instead
   of importing them again (~34 MiB of private memory a session, this shim
-  included, instead of ~59; README, "Performance");
+  included, instead of ~59; docs/performance.md);
 - signals sent to this process are passed on to the worker, and if this
   process is killed the fork server kills the worker;
 - the exit status of the worker becomes this process's.

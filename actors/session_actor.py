@@ -3,7 +3,7 @@
 It wraps the pure `SessionEngine`: frames in, messages out, with the
 embedding jobs of each call sent, through its node's `EmbedBatcher`, to the
 shared EmbeddingDeployment. It imports neither torch nor Ray Serve, so it
-stays small (see README for its USS).
+stays small (see docs/performance.md for its USS).
 
 The actor is named and detached so that a dropped connection can resume it
 from any ingress replica; it ends itself when a detached session outlives the

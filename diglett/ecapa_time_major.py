@@ -24,7 +24,7 @@ Here the whole network runs time-major:
 The arithmetic is the same as SpeechBrain's up to float rounding
 (tests/test_int8.py); in int8, the attention's activations are scaled by
 the frames' range alone. Measured with one thread, batch 8 of 1.5 s windows
-(bench/cpu_model.py): see README.
+(bench/cpu_model.py): see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class TimeMajorEcapa(torch.nn.Module):
         with torch.no_grad(), warnings.catch_warnings():
             # torch 2.11 warns that jit.trace is deprecated for torch.compile
             # (a C++ toolchain at run time) or torch.export (the way on; see
-            # README); one warning per replica start helps nobody.
+            # docs/performance.md); one warning per replica start helps nobody.
             warnings.simplefilter("ignore")
             self.net = torch.jit.trace(self.net.eval(), example, check_trace=False)
         return self

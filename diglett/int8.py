@@ -13,7 +13,7 @@ k>1 convolutions matrix products too, so they run int8 as well.
 Measured on the 2-core machine, batch 8 of 1.5 s windows, side by side
 (bench/cpu_model.py): 9.0 -> 17.8 windows/s with one torch thread; real
 speech embeds at cosine 0.990 (mean) and >= 0.965 (min) of float32
-(tests/test_int8.py); the live accuracy benchmark labels as well (README).
+(tests/test_int8.py); the live accuracy benchmark labels as well (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ class Settings:
     torch_threads: int = 0
     # "int8": a CPU replica runs ECAPA's pointwise convolutions as int8 GEMMs
     # time-major and traced (diglett/int8.py, ecapa_time_major.py: 3.8x the
-    # windows/s of fp32 at one thread, embeddings at cosine 0.996 of float32,
-    # 98.3 % vs 98.0 % of frames right; README "Accuracy"); "fp32": exact.
+    # windows/s of fp32 at one thread: bench/cpu_model.py; its labels,
+    # accuracy: bench/cv_decision.py, docs/accuracy.md); "fp32": exact.
     cpu_precision: str = "int8"
     # 1: with int8, a CPU replica runs this machine's int8 model compiled
     # ahead of time (torchao + AOTInductor, diglett/compiled_int8.py: 1.2-1.3x
@@ -96,7 +96,7 @@ class Settings:
     # the batchers; diglett/priority.py) so that a CPU embedding replica's
     # torch thread, the bottleneck, runs first when both are ready. 0: off.
     serving_nice: int = 5
-    # Placement on a multi-node cluster (see README, "Cluster").
+    # Placement on a multi-node cluster (see docs/operations.md).
     # SessionActors: Ray scheduling strategy ("SPREAD" or "DEFAULT"), and
     # optionally a custom resource each one takes 1 unit of, so a node that
     # advertises `diglett_session: 500` holds at most 500 sessions.
@@ -105,12 +105,12 @@ class Settings:
     # SessionActors each ingress replica keeps started and idle, so that a new
     # connection gets `ready` without waiting for a Ray worker process to
     # start (~0.5 s alone, seconds when many open at once). Each costs one
-    # idle SessionActor's memory (see README, "Performance").
+    # idle SessionActor's memory (see docs/performance.md).
     session_pool: int = 8
     # 1: a session that ends cleanly (`end`) hands its SessionActor back to
     # the warm pool, reset, when the pool has room, instead of ending it:
     # starting one costs ~0.75 s of CPU (0.47 s of it Ray's setup_worker.py
-    # importing Ray before our fork shim runs; README, "Performance"), a
+    # importing Ray before our fork shim runs; docs/performance.md), a
     # reset ~2 ms. 0: every session's actor ends with it.
     session_recycle: int = 1
     # 1: SessionActor workers are forked by a per-node fork server that has

@@ -583,7 +583,7 @@ class Ingress:
         holds fewer than RECYCLE_POOL_FACTOR times its size; False when it
         is that full or the actor refused or failed (the caller then ends
         it). Starting an actor costs ~0.75 s of CPU, most of it Ray's; a
-        reset, ~2 ms (README, "Performance")."""
+        reset, ~2 ms (docs/performance.md)."""
         room = RECYCLE_POOL_FACTOR * self.settings.session_pool
         if not self.settings.session_recycle or len(self._pool) >= room:
             return False

@@ -10,7 +10,7 @@ port and forwards each connection to the ingress replica's own HTTP
 server; `RAY_SERVE_THROUGHPUT_OPTIMIZED` also runs user code on the
 replica's event loop (no thread hop per message). Side by side at 14
 real-time sessions on the 2-core machine: lag p95 1.2-1.4 s with the Python
-proxy, 0.15-0.21 s with both (README).
+proxy, 0.15-0.21 s with both (docs/performance.md).
 
 Ray reads these when its processes start, so they must be in the
 environment of whatever starts Ray: `ray start` on a cluster node, or the
