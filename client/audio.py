@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
-
-from diglett.audio import encode_s16
 import soundfile as sf
 
 CHUNK_S = 0.1
@@ -26,6 +24,17 @@ CHUNK_S = 0.1
 
 class AudioSetupError(Exception):
     """A microphone or file problem, worded for the user."""
+
+
+def encode_s16(x: np.ndarray) -> bytes:
+    """float32 samples in [-1, 1], shape (n,) → the wire's `pcm_s16le` bytes,
+    clipped to the int16 range.
+
+    The same as `diglett.audio.encode_s16`, copied so that the client installs
+    on its own (`pip install ./client`) without the server's torch and Ray;
+    tests/test_client_install.py checks that the two agree.
+    """
+    return (np.clip(x, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
 
 
 pcm16 = encode_s16
@@ -86,8 +95,9 @@ def _pyaudio():
         import pyaudio
     except ImportError:
         raise AudioSetupError(
-            "the microphone needs PyAudio: pip install 'diglett[client]' "
-            "(on Debian/Ubuntu first: apt-get install portaudio19-dev)"
+            "the microphone needs PyAudio: pip install pyaudio (or, in the "
+            "Diglett repo: pip install ./client); on Debian/Ubuntu first: "
+            "apt-get install portaudio19-dev"
         ) from None
     with _quiet_stderr():
         return pyaudio, pyaudio.PyAudio()

@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_plot(args: argparse.Namespace) -> None:
     """Fail before anything starts, not after the stream, if `--plot` cannot
-    be written: it needs matplotlib, which only the client extra installs."""
+    be written: it needs matplotlib, which only the client's `plot` extra
+    installs (`pip install './client[plot]'`)."""
     if not getattr(args, "plot", None):
         return
     try:
@@ -465,7 +466,7 @@ def check_plot(args: argparse.Namespace) -> None:
     except ImportError:
         raise ClientError(
             "--plot needs matplotlib: pip install matplotlib "
-            "(or pip install 'diglett[client]')"
+            "(or, in the Diglett repo: pip install './client[plot]')"
         ) from None
 
 
