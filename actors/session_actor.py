@@ -15,6 +15,8 @@ may hand its actor, reset, to the ingress's warm pool for a later session
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import hmac
 import logging
 import time
@@ -65,6 +67,30 @@ def recycled_session_id(session_id: str) -> str:
 Frame = tuple[bool, "str | bytes", float]  # (is_text, payload, receive time)
 
 
+def token_digest(resume_token: str) -> str:
+    """What a SessionActor keeps of its resume token: its SHA-256, hex.
+
+    An actor's constructor arguments are part of its spec, which the GCS
+    keeps (and, with GCS fault tolerance, writes to Redis); a digest there
+    lets no one who reads it resume the session.
+    """
+    return hashlib.sha256(resume_token.encode()).hexdigest()
+
+
+def session_actor_args(
+    settings: Settings, embedding: tuple[str, str], session_id: str, resume_token: str
+) -> tuple:
+    """SessionActor's constructor arguments, without secrets: the API token
+    blanked (an actor never checks it) and the resume token as its digest,
+    since the GCS keeps every actor's spec."""
+    return (
+        dataclasses.replace(settings, api_token=""),
+        embedding,
+        session_id,
+        token_digest(resume_token),
+    )
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class SessionActor:
     """The state of one session; methods are called by the ingress only."""
@@ -74,9 +100,10 @@ class SessionActor:
         settings: Settings,
         embedding: tuple[str, str],
         session_id: str,
-        resume_token: str,
+        resume_digest: str,
     ) -> None:
-        """`embedding` names the tier: (Serve app name, deployment name)."""
+        """`embedding` names the tier: (Serve app name, deployment name);
+        `resume_digest` is `token_digest` of the session's resume token."""
         self.settings = settings
         lower_cpu_priority(settings.serving_nice)
         logging_setup.configure(session_id=session_id, fmt=settings.log_format)
@@ -84,7 +111,7 @@ class SessionActor:
         self.embedding = embedding
         self._batcher = None  # this node's EmbedBatcher, found on first use
         self.session_id = session_id
-        self._token = resume_token
+        self._token_digest = resume_digest
         self._conn = 0  # generation of the latest connection; 0 = none yet
         self._attached = False
         self._ended = False  # the client sent `end`: no resume, may be recycled
@@ -115,7 +142,9 @@ class SessionActor:
         if resume_token is not None and (
             self._ended
             or (session_id is not None and session_id != self.session_id)
-            or not hmac.compare_digest(resume_token.encode(), self._token.encode())
+            or not hmac.compare_digest(
+                token_digest(resume_token).encode(), self._token_digest.encode()
+            )
         ):
             return 0
         if self._conn:
@@ -181,7 +210,7 @@ class SessionActor:
             self._ended = True
         return messages, close, self.engine.hold_rule()
 
-    async def recycle(self, session_id: str, resume_token: str) -> int:
+    async def recycle(self, session_id: str, resume_digest: str) -> int:
         """After a clean end, become a new session, attached like a pooled
         actor (`warm`); returns its first connection's generation, or 0 if
         refused (the session has not ended, or `session_id` would rename
@@ -193,7 +222,7 @@ class SessionActor:
         if not self._ended or actor_name(session_id) != actor_name(self.session_id):
             return 0
         self.engine = SessionEngine(self.settings)
-        self.session_id, self._token = session_id, resume_token
+        self.session_id, self._token_digest = session_id, resume_digest
         self._ended = False
         logging_setup.configure(session_id=session_id, fmt=self.settings.log_format)
         self._conn, self._attached = FIRST_CONN, True

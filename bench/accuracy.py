@@ -392,7 +392,10 @@ def run(args) -> dict:
     startup_s = time.perf_counter() - t0
     try:
         s = Settings.from_env()
-        info = json.loads(urllib.request.urlopen(http_base(url) + "/v1/info").read())
+        req = urllib.request.Request(http_base(url) + "/v1/info")
+        if args.token:
+            req.add_header("Authorization", f"Bearer {args.token}")
+        info = json.loads(urllib.request.urlopen(req).read())
         client = EmbeddingClient(
             http_base(url), args.token, cache_dir, info["model"].replace("/", "_")
         )

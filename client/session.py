@@ -102,9 +102,10 @@ class Connection:
         from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
         url = self.url
-        if session:
-            url = with_query(url, session=session, resume_token=resume_token)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if session:  # the token in a header, not in a URL that may be logged
+            url = with_query(url, session=session)
+            headers["X-Diglett-Resume-Token"] = resume_token
         try:
             self.ws = await websockets.connect(
                 url,

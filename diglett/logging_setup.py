@@ -20,12 +20,16 @@ import logging
 import sys
 import time
 
+from diglett.access import redact
+
 LOGGER = "diglett"
 MAX_MSG = 2000
 _FIELDS = ("session_id", "conn", "code", "node_id")
 
 
 def _redact(value):
+    if isinstance(value, str):
+        return redact(value)  # `token=` / `resume_token=` in a URL
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
     shape = getattr(value, "shape", None)
@@ -44,6 +48,8 @@ class RedactFilter(logging.Filter):
         self.session_id = session_id
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
         if isinstance(record.args, tuple):
             record.args = tuple(_redact(a) for a in record.args)
         elif isinstance(record.args, dict):
@@ -51,6 +57,16 @@ class RedactFilter(logging.Filter):
         if self.session_id and not getattr(record, "session_id", None):
             record.session_id = self.session_id
         return True
+
+
+def redact_serve_logs() -> None:
+    """Add RedactFilter to every handler of the root logger and Ray Serve's
+    (its access log among them) in this process, once: a URL with a token
+    in its query string is logged with the token REDACTED."""
+    for name in ("", "ray.serve", "ray", "uvicorn", "uvicorn.access"):
+        for h in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactFilter) for f in h.filters):
+                h.addFilter(RedactFilter())
 
 
 class JsonFormatter(logging.Formatter):

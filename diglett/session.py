@@ -284,15 +284,14 @@ class SessionEngine:
     def reattach(self) -> None:
         """A new connection took over the session (resume).
 
-        Format, stats and rate budget are per connection; enrollments stay.
+        Format and stats are per connection; enrollments and the rate
+        budget stay with the session, so reconnecting does not refill it.
         """
         self.fmt = InputFormat()
         self.disconnect()
         self.audio_flowed = False
         self.stats = TalkStats()
         self._stray_answered = False
-        self._rate_t = None
-        self._rate_tokens = self.s.rate_burst_s
 
     # ------------------------------------------------------------- batching
     def hold_rule(self) -> HoldRule:

@@ -27,6 +27,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from actors.session_actor import (
+    session_actor_args,
+    token_digest,
     EMBED_TIMEOUT_S,
     ENROLL_TIMEOUT_S,
     FIRST_CONN,
@@ -36,7 +38,8 @@ from actors.session_actor import (
     actor_name,
     recycled_session_id,
 )
-from diglett import __version__, levels
+from diglett import __version__, levels, logging_setup
+from diglett.access import accepted_subprotocol, given_resume_token, given_token
 from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
 from diglett.holdback import HoldRule, StreamPace, can_hold, send_by
@@ -126,6 +129,17 @@ class EmbeddingOut(BaseModel):
 class ErrorOut(BaseModel):
     code: str
     message: str
+
+
+def upload_cap(max_upload_s: float) -> int:
+    """Most bytes a `/v1/embeddings` body may have: `max_upload_s` of the
+    largest WAV accepted (96 kHz, 8 channels, 32-bit), plus 1 MB of headers
+    and multipart framing."""
+    return int(max_upload_s * 96000 * 8 * 4) + 1_000_000
+
+
+def _unauthorized() -> JSONResponse:
+    return _bad(401, "unauthorized", "missing or wrong API token")
 
 
 def _bad(status: int, code: str, message: str) -> JSONResponse:
@@ -312,6 +326,7 @@ class Ingress:
     def __init__(self, embedder: DeploymentHandle) -> None:
         self.settings = Settings.from_env()
         lower_cpu_priority(self.settings.serving_nice)
+        logging_setup.redact_serve_logs()
         self.embedder = embedder
         # SessionActors reach the tier by name, through their node's batcher.
         dep = embedder.deployment_id
@@ -349,23 +364,36 @@ class Ingress:
             return JSONResponse({"status": "loading", "route": route}, status_code=503)
         return {"status": "ok", "route": route}
 
-    @app.get("/v1/info", response_model=Info)
-    async def info(self):
+    @app.get("/v1/info", response_model=Info, responses={401: {"model": ErrorOut}})
+    async def info(self, request: Request):
         """The session-independent values of the `ready` message."""
+        if not self._authorized(request):
+            return _unauthorized()
         return {**self.settings.info(), "version": __version__}
 
     @app.post(
         "/v1/embeddings",
         response_model=EmbeddingOut,
-        responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}},
+        responses={
+            400: {"model": ErrorOut},
+            401: {"model": ErrorOut},
+            413: {"model": ErrorOut},
+        },
     )
     async def embeddings(self, request: Request):
         """Embed a WAV file: multipart field `file`, or a raw `audio/wav` body.
 
         Any rate and channel count (mixed to mono, resampled), at most 60 s.
         Returns the model's raw (not length-normalised) 192-dim embedding.
+        The token is checked and a declared size capped before the body is
+        read; decoding runs in a thread, off the replica's event loop.
         """
-        cap = int(self.settings.max_upload_s * 96000 * 8 * 4) + 1_000_000
+        if not self._authorized(request):
+            return _unauthorized()
+        cap = upload_cap(self.settings.max_upload_s)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return _bad(413, "too_long", f"upload larger than {cap} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -385,7 +413,9 @@ class Ingress:
                 return _bad(400, "bad_audio", "multipart field 'file' is missing")
             data = await upload.read()
         try:
-            audio, duration = decode_wav(data, self.settings.max_upload_s)
+            audio, duration = await asyncio.to_thread(
+                decode_wav, data, self.settings.max_upload_s
+            )
         except AudioError as exc:
             status = 413 if exc.code == "too_long" else 400
             return _bad(status, exc.code, str(exc))
@@ -401,7 +431,7 @@ class Ingress:
     @app.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:
         """Protocol v1; see docs/protocol.md."""
-        await ws.accept()
+        await ws.accept(subprotocol=accepted_subprotocol(ws.headers))
         if not self._authorized(ws):
             await _fatal(ws, "unauthorized", "missing or wrong API token")
             return
@@ -421,14 +451,13 @@ class Ingress:
             self.active -= 1
             metrics.set_active(self.active)
 
-    def _authorized(self, ws: WebSocket) -> bool:
+    def _authorized(self, conn: Request | WebSocket) -> bool:
+        """The API token, if one is set, from the request (see
+        `given_token`), compared in constant time."""
         expected = self.settings.api_token
         if not expected:
             return True
-        given = ws.query_params.get("token", "")
-        auth = ws.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
+        given = given_token(conn.headers, conn.query_params)
         return hmac.compare_digest(given.encode(), expected.encode())
 
     def _origin_allowed(self, ws: WebSocket) -> bool:
@@ -445,7 +474,7 @@ class Ingress:
         sid = ws.query_params.get("session")
         resumed = sid is not None
         if resumed:
-            token = ws.query_params.get("resume_token", "")
+            token = given_resume_token(ws.headers, ws.query_params)
             try:
                 actor = ray.get_actor(actor_name(sid), namespace=NAMESPACE)
                 conn = await actor.attach.remote(token, sid)
@@ -590,7 +619,8 @@ class Ingress:
         new_sid, token = recycled_session_id(sid), secrets.token_urlsafe(32)
         try:
             conn = await asyncio.wait_for(
-                _await(actor.recycle.remote(new_sid, token)), CALL_MARGIN_S
+                _await(actor.recycle.remote(new_sid, token_digest(token))),
+                CALL_MARGIN_S,
             )
         except Exception as exc:
             logger.warning("session %s: could not recycle its actor: %r", sid, exc)
@@ -636,7 +666,7 @@ class Ingress:
             namespace=NAMESPACE,
             lifetime="detached",
             **session_actor_options(self.settings),
-        ).remote(self.settings, self.embedding, sid, token)
+        ).remote(*session_actor_args(self.settings, self.embedding, sid, token))
 
     async def _restore(self, sid: str, token: str, enrollments: dict):
         """Re-create a session whose actor died, with its enrollments, detached.

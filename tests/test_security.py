@@ -118,9 +118,15 @@ def test_no_audio_embeddings_or_tokens_in_logs_or_on_disk(server):
     u = utterances()
     x = load16(u["LS-19"][0])[: 5 * 16000]
     pcm = to_s16(x)
-    url = server["ws"]
-    with connect(url, additional_headers=AUTH, max_size=2**24) as ws:
-        resume_token = json.loads(ws.recv(timeout=60))["resume_token"]
+    # The protocol's query-string forms (what v1 clients send), which every
+    # log must redact: the API token, then a resume by token in the URL.
+    url = f"{server['ws']}?token={API_TOKEN}"
+    with connect(url, max_size=2**24) as ws:
+        ready = json.loads(ws.recv(timeout=60))
+    sid, resume_token = ready["session_id"], ready["resume_token"]
+    url = f"{url}&session={sid}&resume_token={resume_token}"
+    with connect(url, max_size=2**24) as ws:
+        assert json.loads(ws.recv(timeout=60))["session_id"] == sid
         ws.send(json.dumps({"type": "enroll", "speaker": "alice"}))
         for i in range(0, len(pcm), 16000):
             ws.send(pcm[i : i + 16000])
@@ -137,7 +143,7 @@ def test_no_audio_embeddings_or_tokens_in_logs_or_on_disk(server):
     # Distinctive stretches of the PCM sent, as bytes and as a repr would show.
     loud = int(np.argmax(np.abs(x)))
     probes = [pcm[2 * loud : 2 * loud + 32], pcm[40000:40032]]
-    probes.append(resume_token.encode())  # a secret: never logged either
+    probes += [resume_token.encode(), API_TOKEN.encode()]  # secrets, never logged
     probes += [repr(p)[2:34].encode() for p in probes] + [
         p.hex().encode() for p in probes
     ]

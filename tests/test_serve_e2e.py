@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from actors.session_actor import actor_name
 from conftest import (
@@ -88,7 +89,11 @@ def voices():
 def test_http_endpoints(server):
     with httpx.Client(base_url=server["http"], timeout=60) as c:
         assert c.get("/healthz").json() == {"status": "ok", "route": "direct"}
-        info = c.get("/v1/info").json()
+        denied = c.get("/v1/info")  # a token is configured: every /v1 route needs it
+        assert denied.status_code == 401 and denied.json()["code"] == "unauthorized"
+        assert c.get("/v1/info", params={"token": "wrong"}).status_code == 401
+        assert c.get("/v1/info", params={"token": API_TOKEN}).status_code == 200
+        info = c.get("/v1/info", headers=AUTH).json()
         assert info["protocol"] == 1 and info["sample_rate"] == 16000
         assert info["model"] == "speechbrain/spkrec-ecapa-voxceleb"
         assert {"window_s", "hop_s", "threshold", "max_speakers"} <= set(info)
@@ -120,6 +125,9 @@ def test_embeddings_endpoint(server, voices):
     sf.write(buf, np.stack([x48, x48], axis=1), 48000, format="WAV")
     wav = buf.getvalue()
     with httpx.Client(base_url=server["http"], timeout=120) as c:
+        denied = c.post("/v1/embeddings", content=wav)
+        assert denied.status_code == 401 and denied.json()["code"] == "unauthorized"
+    with httpx.Client(base_url=server["http"], timeout=120, headers=AUTH) as c:
         r1 = c.post("/v1/embeddings", files={"file": ("a.wav", wav, "audio/wav")})
         assert r1.status_code == 200, r1.text
         body = r1.json()
@@ -141,6 +149,23 @@ def test_embeddings_endpoint(server, voices):
         sf.write(long, np.zeros(61 * 8000, dtype=np.float32), 8000, format="WAV")
         r413 = c.post("/v1/embeddings", content=long.getvalue())
         assert r413.status_code == 413
+
+
+def test_an_oversized_upload_is_refused_before_it_is_read(server):
+    """A declared Content-Length over the cap gets 413 at once: the server
+    does not wait for (or buffer) the gigabytes announced."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server["http"])
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {API_TOKEN}\r\n".encode()
+            + b"Content-Type: audio/wav\r\nContent-Length: 9000000000\r\n\r\nRIFF"
+        )
+        head = sock.recv(4096).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413"), head[:200]
 
 
 def test_full_conversation(server, voices):
@@ -357,6 +382,32 @@ def test_resume_keeps_enrollments(server, voices):
     labels = [m for m in msgs if m["type"] == "label"]
     assert len(labels) == 2 and code == 1000
     assert all("alice" in m.get("scores", {"alice": 0}) for m in labels)
+
+
+def test_secrets_outside_the_url_header_and_subprotocol_forms(server, voices):
+    """Programs send the API token and the resume token as headers; browsers,
+    which cannot, as WebSocket subprotocols (the server answers diglett.v1)."""
+    url = server["ws"]
+    proto = [Subprotocol("diglett.v1"), Subprotocol(f"diglett.token.{API_TOKEN}")]
+    with connect(url, subprotocols=proto, open_timeout=30) as ws:
+        assert ws.subprotocol == "diglett.v1"
+        ready = recv(ws)
+        assert enroll(ws, "alice", voices["a_enroll"])["type"] == "enrolled"
+    sid, token = ready["session_id"], ready["resume_token"]
+    resume = proto + [Subprotocol(f"diglett.resume.{token}")]
+    with connect(f"{url}?session={sid}", subprotocols=resume, open_timeout=30) as ws:
+        assert recv(ws)["session_id"] == sid
+    with open_ws(
+        server, f"session={sid}", {**AUTH, "X-Diglett-Resume-Token": "no"}
+    ) as ws:
+        assert drain(ws)[1] == 4404
+    headers = {**AUTH, "X-Diglett-Resume-Token": token}
+    with open_ws(server, f"session={sid}", headers) as ws:
+        assert recv(ws)["session_id"] == sid
+        msgs, code = stream_and_end(ws, voices["a_test"][:16000])
+    assert code == 1000 and all(
+        "alice" in m.get("scores", {"alice": 0}) for m in msgs if m["type"] == "label"
+    )
 
 
 def test_resume_after_ttl_fails(server, voices):

@@ -1334,3 +1334,18 @@ def test_whole_clip_is_embedded_only_as_the_fallback():
     [job] = [j for j in c.jobs if isinstance(j, EnrollJob)]
     assert not job.embed and job not in SessionEngine.jobs(c.jobs)
     assert len(SessionEngine.jobs(c.jobs)) >= 2  # the sub-windows
+
+
+def test_reconnecting_does_not_refill_the_rate_budget():
+    """A client that spent its burst and reconnects (resume) may not send
+    another burst at once: the bucket belongs to the session."""
+    settings = ToneSettings(max_rate=20.0, rate_burst_s=10.0)
+    c = Client(settings)
+    c.send({"type": "enroll", "speaker": "alice"})
+    data = c.encode(tone(ALICE, 1.0))
+    sent, out = flood(c, data, 0.001, 9)  # 9 of the 10 s of burst
+    assert errors(out) == []
+    c.engine.reattach()  # the connection dropped; the client resumed
+    c.send({"type": "enroll", "speaker": "alice"})
+    sent, out = flood(c, data, 0.001, 100)
+    assert sent <= 3 and errors(out) == ["rate_exceeded"], sent

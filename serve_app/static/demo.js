@@ -111,8 +111,15 @@ function connect() {
   reset();
   const url = new URL("/v1/stream", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  if (TOKEN) url.searchParams.set("token", TOKEN);
-  ws = new WebSocket(url);
+  // The token as a subprotocol keeps it out of URLs (and logs); a token
+  // with characters a subprotocol cannot carry goes in the query instead.
+  const protocols = [];
+  if (TOKEN && /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(TOKEN)) {
+    protocols.push("diglett.v1", "diglett.token." + TOKEN);
+  } else if (TOKEN) {
+    url.searchParams.set("token", TOKEN);
+  }
+  ws = new WebSocket(url, protocols);
   ws.binaryType = "arraybuffer";
   setConn("connecting…");
   ws.onmessage = (e) => handle(JSON.parse(e.data));
