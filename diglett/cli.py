@@ -42,7 +42,9 @@ def _gpu_count() -> int:
 def render_config(base: Path, settings: Settings, gpus: int) -> dict:
     """The Serve config of `base` with host, port, batching and GPU applied."""
     config = yaml.safe_load(base.read_text())
-    config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
+    config.setdefault("http_options", {}).update(
+        host=settings.bind_host(), port=settings.port
+    )
     config.setdefault("logging_config", {})["encoding"] = (
         "JSON" if settings.log_format == "json" else "TEXT"
     )
@@ -70,7 +72,7 @@ def render_config(base: Path, settings: Settings, gpus: int) -> dict:
 def _check_port(settings: Settings) -> bool:
     """Free the Serve port of HAProxy orphaned by an earlier server (see
     diglett/leftovers.py); False, with a message, if it stays taken."""
-    host, port = settings.host, settings.port
+    host, port = settings.bind_host(), settings.port
     if port_free(host, port):
         return True
     orphans = orphaned_haproxies()
@@ -131,6 +133,16 @@ def start_serve_run(cmd: list[str], **kwargs) -> subprocess.Popen:
 def cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     settings = Settings.from_env()
+    refused = settings.open_without_token()
+    if refused:
+        print(f"diglett: {refused}", file=sys.stderr)
+        return 2
+    if not settings.api_token and not settings.host:
+        print(
+            "diglett: no DIGLETT_API_TOKEN: listening on 127.0.0.1 only; set a "
+            "token to serve other machines",
+            flush=True,
+        )
     if not _check_port(settings):
         return 2
     from diglett.model_store import ModelNotFoundError, resolve_model_dir
@@ -168,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop_serve)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    bound = settings.bind_host()
+    host = "127.0.0.1" if bound in ("0.0.0.0", "::") else bound
     base = f"http://{host}:{settings.port}"
     try:
         stopped = lambda: proc.poll() is not None  # noqa: E731

@@ -17,7 +17,8 @@ from dotenv import load_dotenv
 MODEL_NAME = "speechbrain/spkrec-ecapa-voxceleb"
 SAMPLE_RATE = 16000
 PROTOCOL_VERSION = 1
-CPU_PRECISIONS = ("int8", "fp32")  # DIGLETT_CPU_PRECISION values
+CPU_PRECISIONS = ("int8", "fp32")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")  # DIGLETT_CPU_PRECISION values
 
 
 def default_cache_dir() -> Path:
@@ -30,7 +31,9 @@ def default_cache_dir() -> Path:
 class Settings:
     """All tunables of the server; field `x` is read from `DIGLETT_X`."""
 
-    host: str = "0.0.0.0"
+    # Where `diglett serve` listens; "": 0.0.0.0 with an api_token, else
+    # 127.0.0.1 (an open server stays on this machine unless asked).
+    host: str = ""
     port: int = 8000
     model_dir: str = ""
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
@@ -56,6 +59,9 @@ class Settings:
     batch_size: int = 0
     batch_wait_s: float = 0.005
     api_token: str = ""
+    # 1: allow serving on a non-loopback host without api_token (anyone who
+    # reaches the port may then stream and use the GPU).
+    allow_open: int = 0
     session_ttl_s: float = 60.0
     max_sessions: int = 500
     max_rate: float = 20.0
@@ -209,6 +215,25 @@ class Settings:
             raise ValueError("DIGLETT_SPEECH_MIN_FRAC must lie in [0, 1]")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
+        if self.allow_open not in (0, 1):
+            raise ValueError("DIGLETT_ALLOW_OPEN must be 0 or 1")
+
+    def bind_host(self) -> str:
+        """The address to listen on: `host`, or by default 0.0.0.0 when an
+        API token protects the server and 127.0.0.1 when none does."""
+        return self.host or ("0.0.0.0" if self.api_token else "127.0.0.1")
+
+    def open_without_token(self) -> str:
+        """Why this server may not start ("" if it may): listening beyond
+        this machine without an API token needs DIGLETT_ALLOW_OPEN=1."""
+        host = self.bind_host()
+        if self.api_token or self.allow_open or host in LOOPBACK_HOSTS:
+            return ""
+        return (
+            f"DIGLETT_HOST={host} without DIGLETT_API_TOKEN would let anyone who "
+            "reaches the port stream audio; set DIGLETT_API_TOKEN, or "
+            "DIGLETT_ALLOW_OPEN=1 to serve openly on purpose"
+        )
 
     def parsed_batch_shapes(self) -> tuple[int, ...]:
         """`batch_shapes` as sorted sizes; () when unset."""

@@ -82,3 +82,32 @@ def test_no_secret_in_a_session_actors_constructor_arguments():
     assert API.encode() not in blob and RESUME.encode() not in blob
     assert args[0].api_token == "" and args[3] == token_digest(RESUME)
     assert args[0].max_sessions == settings.max_sessions  # the rest is kept
+
+
+def test_without_a_token_the_server_listens_on_this_machine_only():
+    assert Settings().bind_host() == "127.0.0.1"
+    assert Settings(api_token=API).bind_host() == "0.0.0.0"
+    assert Settings(host="10.0.0.5").bind_host() == "10.0.0.5"
+    assert Settings().open_without_token() == ""
+    assert "DIGLETT_ALLOW_OPEN" in Settings(host="0.0.0.0").open_without_token()
+    assert Settings(host="0.0.0.0", allow_open=1).open_without_token() == ""
+    assert Settings(host="0.0.0.0", api_token=API).open_without_token() == ""
+
+
+def test_diglett_serve_renders_the_bind_host_and_refuses_an_open_server(
+    monkeypatch, capsys
+):
+    from pathlib import Path
+
+    from diglett import cli
+
+    config = Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml"
+    rendered = cli.render_config(config, Settings(), gpus=0)
+    assert rendered["http_options"]["host"] == "127.0.0.1"
+    rendered = cli.render_config(config, Settings(api_token=API), gpus=0)
+    assert rendered["http_options"]["host"] == "0.0.0.0"
+    monkeypatch.setenv("DIGLETT_HOST", "0.0.0.0")
+    monkeypatch.delenv("DIGLETT_API_TOKEN", raising=False)
+    monkeypatch.delenv("DIGLETT_ALLOW_OPEN", raising=False)
+    assert cli.main(["serve"]) == 2  # before anything starts
+    assert "DIGLETT_ALLOW_OPEN=1" in capsys.readouterr().err
