@@ -346,6 +346,8 @@ class Ingress:
         self._last_open = 0.0  # when a new session last opened
         self._recycling: set[asyncio.Task] = set()  # see _recycle
         self._pooled_at: dict[str, float] = {}  # session id -> when pooled
+        # Sessions that dropped here, resumable until then (monotonic time).
+        self._detached: dict[str, float] = {}
         try:
             self._fill_pool()
         except RuntimeError:  # no event loop here: the first session fills it
@@ -438,7 +440,9 @@ class Ingress:
         if not self._origin_allowed(ws):
             await _fatal(ws, "unauthorized", "this Origin is not allowed")
             return
-        if self.active >= self.settings.max_sessions:
+        if self._sessions_held(ws.query_params.get("session")) >= (
+            self.settings.max_sessions
+        ):
             await _fatal(ws, "overloaded", "too many sessions; try again later")
             return
         self.active += 1
@@ -450,6 +454,15 @@ class Ingress:
         finally:
             self.active -= 1
             metrics.set_active(self.active)
+
+    def _sessions_held(self, resuming: str | None) -> int:
+        """Open connections plus sessions that dropped and may still resume
+        (until their TTL), which hold an actor each: without them, a client
+        that connects and drops could fill the session tier. A resume does
+        not count its own session twice."""
+        now = time.monotonic()
+        self._detached = {s: t for s, t in self._detached.items() if t > now}
+        return self.active + sum(1 for s in self._detached if s != resuming)
 
     def _authorized(self, conn: Request | WebSocket) -> bool:
         """The API token, if one is set, from the request (see
@@ -485,6 +498,7 @@ class Ingress:
                     ws, "session_expired", "no such session, or its TTL has passed"
                 )
                 return None
+            self._detached.pop(sid, None)
         else:
             opened = await self._new_session()
             if opened is None:
@@ -872,6 +886,7 @@ class Ingress:
                 else:
                     ray.kill(actor, no_restart=True)
             else:
+                self._detached[sid] = time.monotonic() + self.settings.session_ttl_s
                 try:
                     await actor.detach.remote(conn)
                 except Exception:

@@ -485,9 +485,13 @@ def test_stalled_embedding_tier_is_overloaded_and_the_session_resumes(server, vo
 
 
 def test_overloaded(server):
+    """DIGLETT_MAX_SESSIONS=8 in the test server: open connections and
+    dropped sessions that may still resume count until their TTL."""
+    ttl = float(E2E_ENV["DIGLETT_SESSION_TTL_S"])
+    time.sleep(ttl + 1.0)  # earlier tests' dropped sessions expire
     opened = []
     try:
-        for _ in range(8):  # DIGLETT_MAX_SESSIONS=8 in the test server
+        for _ in range(8):
             ws = open_ws(server)
             assert recv(ws)["type"] == "ready"
             opened.append(ws)
@@ -498,6 +502,10 @@ def test_overloaded(server):
         for ws in opened:
             ws.close()
     time.sleep(1.0)
+    with open_ws(server) as ws:  # eight dropped sessions, still resumable
+        msgs, code = drain(ws)
+    assert code == 1013 and msgs[0]["code"] == "overloaded"
+    time.sleep(ttl + 1.0)
     with open_ws(server) as ws:
         assert recv(ws)["type"] == "ready"
 
