@@ -62,10 +62,39 @@ ROUTE_DIRECT = "direct"
 ROUTE_PROXY = "proxy"
 
 
+def private_haproxy_sockets() -> dict[str, str]:
+    """HAProxy's admin and metrics sockets in a directory only this user
+    may enter.
+
+    Serve creates the admin socket `mode 666 level admin` in
+    /tmp/haproxy-serve/ (world-searchable): any local user could drain
+    backends or kill sessions through it. A socket is reached only through
+    its directory, so this one is made 0700 and owned by us; one that
+    exists with other owners or modes is refused, never reused.
+    """
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.gettempdir()) / f"diglett-haproxy-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    st = folder.lstat()
+    if folder.is_symlink() or st.st_uid != os.getuid():
+        raise RuntimeError(f"{folder} is not a directory of this user's; remove it")
+    os.chmod(folder, 0o700)
+    return {
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+    }
+
+
 def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Set SERVE_ENV's variables in `environ` where they are not set yet."""
+    """Set SERVE_ENV's variables, and HAProxy's private socket paths, in
+    `environ` where they are not set yet."""
     for key, value in SERVE_ENV.items():
         environ.setdefault(key, value)
+    if "RAY_SERVE_HAPROXY_SOCKET_PATH" not in environ:
+        for key, value in private_haproxy_sockets().items():
+            environ.setdefault(key, value)
 
 
 def request_route(server_port: int | None) -> str:

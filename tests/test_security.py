@@ -168,3 +168,19 @@ def test_no_audio_embeddings_or_tokens_in_logs_or_on_disk(server):
         if path.suffix in {".log", ".out", ".err"} and FLOATS.search(data):
             found.append(f"{path}: a run of 16 numbers (an array dump?)")
     assert not found, found
+
+
+def test_haproxys_admin_socket_is_closed_to_other_users(server):
+    """Serve makes HAProxy's admin socket `mode 666 level admin`; it lives in
+    a directory only the server's user may enter (serve_app/serve_env.py)."""
+    import stat
+
+    configured = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    folder = configured.parent  # Serve puts each node's socket a level below
+    deadline = time.monotonic() + 30
+    while not (socks := [p for p in folder.rglob("*.sock") if p.is_socket()]):
+        assert time.monotonic() < deadline, f"no socket under {folder}"
+        time.sleep(0.5)
+    assert any(p.name == configured.name for p in socks), socks
+    st = folder.lstat()
+    assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
