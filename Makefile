@@ -24,17 +24,20 @@ $(DEV): pyproject.toml | $(PY)
 serve: $(BASE)
 	$(VENV)/bin/diglett serve
 
-# The multi-node test starts its own three-node Ray cluster, and the HAProxy
-# reload and `diglett serve` tests their own Serve (HAProxy's ports are
-# fixed), so they run in a pytest process of their own, after the suite's
-# local Ray instance is gone.
-OWN_RAY := tests/test_multinode.py tests/test_haproxy_reload.py tests/test_cli_serve.py
+# tests/unit: pure logic, seconds; tests/model: the real model, no Ray;
+# tests/serve: one local Ray instance with the Serve app, shared; and
+# tests/cluster: their own Ray (a three-node cluster, HAProxy's fixed ports,
+# `diglett serve`), so they run in a pytest process of their own, after the
+# suite's local Ray instance is gone.
 test: $(DEV)
-	$(PY) -m pytest -q -ra $(addprefix --ignore=,$(OWN_RAY))
-	$(PY) -m pytest -q -ra $(OWN_RAY)
+	$(PY) -m pytest -q -ra tests/unit tests/model tests/serve
+	$(PY) -m pytest -q -ra tests/cluster
+
+test-unit: $(DEV)
+	$(PY) -m pytest -q tests/unit
 
 test-cluster: $(DEV)
-	$(PY) -m pytest -q -ra tests/test_multinode.py
+	$(PY) -m pytest -q -ra tests/cluster/test_multinode.py
 
 fetch-model: $(BASE)
 	$(VENV)/bin/diglett fetch-model

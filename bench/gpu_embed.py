@@ -5,7 +5,7 @@ Made for the lent GPU machine (see ../shared/device/README.md and
 bench/gpu_device.sh: no model weights there, so `--embedder ecapa-random`
 builds the real ECAPA shape with random weights; speed does not depend on
 the weights), and runnable on a CPU with small numbers to check it first
-(tests/test_gpu_bench.py does).
+(tests/model/test_gpu_bench.py does).
 
 The path is the server's own from the SessionActors on: `--loaders` plain
 Ray actors stand in for the SessionActors of many nodes, each simulating

@@ -32,7 +32,7 @@ def encode_s16(x: np.ndarray) -> bytes:
 
     The same as `diglett.audio.encode_s16`, copied so that the client installs
     on its own (`pip install ./client`) without the server's torch and Ray;
-    tests/test_client_install.py checks that the two agree.
+    tests/serve/test_client_install.py checks that the two agree.
     """
     return (np.clip(x, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
 

@@ -1,7 +1,7 @@
 """Where a client's secrets come from, and how they are kept out of logs.
 
 Pure functions on headers, query strings and URLs, so that every rule is
-tested in milliseconds (tests/test_access.py); the ingress applies them.
+tested in milliseconds (tests/unit/test_access.py); the ingress applies them.
 
 Secrets travel three ways (docs/protocol.md, "Authentication"):
 - headers, for programs: `Authorization: Bearer <api token>`,

@@ -22,7 +22,7 @@ Here the whole network runs time-major:
   W [x; m; s] = W_x x + (W_m m + W_s s).
 
 The arithmetic is the same as SpeechBrain's up to float rounding
-(tests/test_int8.py); in int8, the attention's activations are scaled by
+(tests/model/test_int8.py); in int8, the attention's activations are scaled by
 the frames' range alone. Measured with one thread, batch 8 of 1.5 s windows
 (bench/cpu_model.py): see docs/performance.md.
 """

@@ -13,7 +13,7 @@ k>1 convolutions matrix products too, so they run int8 as well.
 Measured on the 2-core machine, batch 8 of 1.5 s windows, side by side
 (bench/cpu_model.py): 9.0 -> 17.8 windows/s with one torch thread; real
 speech embeds at cosine 0.990 (mean) and >= 0.965 (min) of float32
-(tests/test_int8.py); the live accuracy benchmark labels as well (docs/performance.md).
+(tests/model/test_int8.py); the live accuracy benchmark labels as well (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class PointwiseLinear(torch.nn.Module):
     Input and output keep the convolution's layout, shape (batch, channels, time).
     Quantized, its int8 activations are scaled by the range of the whole
     batch, so a window's embedding moves a little with its batch neighbours
-    (cosine >= 0.99 to the window alone, tests/test_int8.py). Running the
+    (cosine >= 0.99 to the window alone, tests/model/test_int8.py). Running the
     linear once per window avoids that, but on the live 2-core server it held
     4 real-time sessions instead of 6 (side by side, also when scripted);
     `DIGLETT_CPU_PRECISION=fp32` is exact and batch-independent.

@@ -27,7 +27,7 @@ from diglett.protocol import ProtocolError, StreamMsg, error, parse_control
 from diglett.settings import SAMPLE_RATE, Settings
 from diglett.windowing import HopWindower
 
-# Enrollment warnings (tests/test_speech.py checks them on real
+# Enrollment warnings (tests/unit/test_speech.py checks them on real
 # clips): the speech frames' level under QUIET_DBFS is `quiet` (the detector
 # still finds such speech, but a louder enrollment scores better); more than
 # CLIPPING_FRACTION of samples at full scale is `clipping`; speech less than

@@ -24,7 +24,7 @@ API_TOKEN = "test-token-0123456789"
 # The suite's replicas serve the traced int8 model: with the default, the
 # first replica would build the compiled one in the background (~2 min of
 # idle CPU) and the replicas started after it would load it, so what a test
-# ran on would depend on timing. tests/test_compiled_int8.py builds and
+# ran on would depend on timing. tests/serve/test_compiled_int8.py builds and
 # serves it on purpose; DIGLETT_CPU_COMPILE=1 make test runs the suite on it.
 os.environ.setdefault("DIGLETT_CPU_COMPILE", "0")
 E2E_ENV = {

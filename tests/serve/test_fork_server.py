@@ -26,7 +26,7 @@ from actors.fork_shim import (
     server_path,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_request_round_trips_argv_env_and_cwd():

@@ -1,7 +1,7 @@
 """Operations, fast: metrics helpers, JSON logs, placement options, config.
 
 The real Prometheus scrape (through Ray's metrics agent on a multi-node
-cluster) is in tests/test_multinode.py::test_metrics_scraped.
+cluster) is in tests/cluster/test_multinode.py::test_metrics_scraped.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from serve_app.placement import (
     session_actor_options,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_metrics_never_raise_outside_ray():
@@ -256,9 +256,13 @@ def test_every_way_of_starting_ray_gets_the_serve_data_path():
     `apply_serve_env`, which leaves values already set alone."""
     from serve_app.serve_env import SERVE_ENV, apply_serve_env
 
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_HAPROXY_SOCKET_PATH": "/x"}
     apply_serve_env(env)
-    assert env == {**SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert env == {
+        **SERVE_ENV,
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": "/x",  # set: the sockets are left alone
+    }
     dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     for key, value in SERVE_ENV.items():
         assert f"{key}={value}" in dockerfile.split(), key

@@ -191,7 +191,10 @@ def _pump(ws, actor) -> None:
         raise AssertionError(f"the session failed: {args}")
 
     owner = SimpleNamespace(
-        settings=Settings(), _session_failed=failed, _replace_unused=failed
+        settings=Settings(),
+        _session_failed=failed,
+        _replace_unused=failed,
+        _detached={},
     )
     pump = Ingress.func_or_class._pump
     # On the loop Serve's replicas run (its timers may wake ~1 ms early).

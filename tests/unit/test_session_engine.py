@@ -30,7 +30,7 @@ VOICES = {
 
 WINDOW_BUG = (
     "BUG: HopWindower trims its buffer too early, so the final partial hop's "
-    "window is shorter than min(window, end) (see tests/test_windowing.py)"
+    "window is shorter than min(window, end) (see tests/unit/test_windowing.py)"
 )
 REATTACH_BUG = (
     "BUG: SessionEngine.reattach keeps audio_flowed and the old input format, so "
@@ -42,7 +42,7 @@ REATTACH_BUG = (
 
 def ToneSettings(**kw) -> Settings:
     """Settings for tone "voices": the level gate stands in for Silero VAD
-    (a tone is no speech to a VAD; tests/test_speech.py covers it on real
+    (a tone is no speech to a VAD; tests/unit/test_speech.py covers it on real
     speech), with the gate's share and the bars these tests were made for."""
     base = dict(vad="energy", speech_min_frac=0.4, rel_threshold=0.35)
     return Settings(**{**base, **kw})

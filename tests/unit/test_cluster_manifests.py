@@ -33,7 +33,7 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "cluster" / "kuberay-rayservice.yaml"
 SERVE_CLUSTER = ROOT / "cluster" / "serve-cluster.yaml"
 RAY_CLUSTER = ROOT / "cluster" / "ray-cluster.yaml"

@@ -101,7 +101,7 @@ def test_diglett_serve_renders_the_bind_host_and_refuses_an_open_server(
 
     from diglett import cli
 
-    config = Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml"
+    config = Path(__file__).resolve().parents[2] / "cluster" / "serve.yaml"
     rendered = cli.render_config(config, Settings(), gpus=0)
     assert rendered["http_options"]["host"] == "127.0.0.1"
     rendered = cli.render_config(config, Settings(api_token=API), gpus=0)

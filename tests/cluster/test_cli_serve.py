@@ -25,7 +25,7 @@ import pytest
 from diglett.leftovers import orphaned_haproxies, port_free, stop
 from conftest import free_ports, model_dir, needs_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SIGINT_QUIT = (signal.SIGINT, signal.SIGQUIT)
 

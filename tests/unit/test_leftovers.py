@@ -20,7 +20,7 @@ import pytest
 from diglett.leftovers import orphaned_haproxies, port_free, stop
 from conftest import free_ports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/cmdline").exists(), reason="reads /proc (Linux)"

@@ -26,7 +26,7 @@ from diglett.model_store import (
 from diglett.settings import Settings
 
 SHARED_MODEL_DIR = (
-    Path(__file__).resolve().parents[2] / "shared" / "models" / "spkrec-ecapa-voxceleb"
+    Path(__file__).resolve().parents[3] / "shared" / "models" / "spkrec-ecapa-voxceleb"
 )
 
 needs_real_model = pytest.mark.skipif(
