@@ -39,7 +39,10 @@ def batcher_name(app_name: str, node_id: str) -> str:
     return f"embed-batcher-{app_name}-{node_id[:16]}"
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# No task events: Ray records one in the GCS for every call (several per
+# hop), which grew its memory by ~12 MiB a minute at 20 sessions and
+# never gave it back (docs/capacity.md, bench/soak.py). A public option.
+@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
 class EmbedBatcher:
     """Forwards the windows of many callers to the embedding tier, merged."""
 

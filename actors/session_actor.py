@@ -91,7 +91,10 @@ def session_actor_args(
     )
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# No task events: Ray records one in the GCS for every call (several per
+# hop), which grew its memory by ~12 MiB a minute at 20 sessions and
+# never gave it back (docs/capacity.md, bench/soak.py). A public option.
+@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
 class SessionActor:
     """The state of one session; methods are called by the ingress only."""
 
