@@ -50,3 +50,11 @@ lint: $(DEV)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The server image, built here with podman and tested end to end: a real
+# conversation streamed through a container with diglett-client (image/test.sh;
+# docs/operations.md#docker). Several minutes and ~10 GB of disk, so not part
+# of `make test`. IMAGE_VARIANT=cpu needs PyTorch's CPU wheel index.
+IMAGE_VARIANT ?= cuda
+image-test: $(DEV)
+	VARIANT=$(IMAGE_VARIANT) image/test.sh
