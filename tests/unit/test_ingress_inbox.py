@@ -8,7 +8,7 @@ import time
 import pytest
 import uvloop
 
-from serve_app.ingress import _answer, _Inbox, _read_frames
+from serve_app.pump import _answer, _Inbox, _read_frames
 
 
 class FakeSocket:
@@ -98,7 +98,7 @@ def test_a_call_past_its_timeout_raises():
 
 def test_the_pool_is_warmed_at_once_and_loses_its_dead():
     """All pooled actors are touched concurrently; those that fail are named."""
-    from serve_app.ingress import _dead_after_warm
+    from serve_app.pool import _dead_after_warm
 
     active = {"now": 0, "most": 0}
 

@@ -1,5 +1,5 @@
 """Recycled SessionActors: their sessions' ids, the setting, and which
-idle ones the warm pool ends (actors/session_actor.py, serve_app/ingress.py)."""
+idle ones the warm pool ends (actors/session_actor.py, serve_app/pool.py)."""
 
 from actors.session_actor import actor_name, recycled_session_id
 
@@ -31,7 +31,7 @@ def test_recycling_is_a_setting():
 
 
 def test_the_pool_ends_only_long_unused_actors_beyond_its_size():
-    from serve_app.ingress import POOL_TRIM_S, pool_excess
+    from serve_app.pool import POOL_TRIM_S, pool_excess
 
     now = 1000.0
     old, new = now - POOL_TRIM_S - 1, now - 1
