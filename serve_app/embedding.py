@@ -173,6 +173,9 @@ class EmbeddingDeployment:
             max_concurrent_batches=streams,
             batch_size_fn=_count_windows,
         )(self._embed_many)
+        # Model time, for the autoscaler's busy share (record_autoscaling_stats).
+        self._model_s = self._stats_model_s = 0.0
+        self._stats_t = time.monotonic()
         self._configure(settings.batch_size, settings.batch_wait_s)
         self.load_s = time.monotonic() - t0
         logger.info(
@@ -263,12 +266,23 @@ class EmbeddingDeployment:
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         embs = await loop.run_in_executor(self._model_thread, self.embedder.embed, flat)
-        metrics.batch(len(flat), time.monotonic() - t0)
+        took = time.monotonic() - t0
+        self._model_s += took
+        metrics.batch(len(flat), took)
         out, k = [], 0
         for r in requests:
             out.append(embs[k : k + len(r)])
             k += len(r)
         return out
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """For Serve's autoscaler (serve_app/autoscaling.py): the share of
+        the time since the last call that the model threads computed."""
+        now = time.monotonic()
+        span = max(1e-6, now - self._stats_t) * len(self._model_tids)
+        busy = min(1.0, (self._model_s - self._stats_model_s) / span)
+        self._stats_t, self._stats_model_s = now, self._model_s
+        return {"model_busy": busy}
 
     def _device_name(self) -> str:
         if not self._on_gpu:

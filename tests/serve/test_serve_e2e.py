@@ -855,3 +855,20 @@ def test_a_sessions_scores_do_not_depend_on_other_sessions_audio(server, voices)
         assert set(a.get("scores", {})) == set(b.get("scores", {}))
         for name, score in a.get("scores", {}).items():
             assert b["scores"][name] == pytest.approx(score, abs=1e-4), (a, b)
+
+
+def test_the_embedding_replica_reports_its_models_busy_share(server, voices):
+    """What the cluster configs' autoscaling policy scales on
+    (serve_app/autoscaling.py): the share of the time the model computed."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("EmbeddingDeployment", app_name="diglett")
+    windows = [voices["a_test"][k : k + 24000] for k in range(0, 40000, 4000)]
+    busy = []
+    for _ in range(5):  # Serve's own periodic call may have just reset it
+        handle.record_autoscaling_stats.remote().result(timeout_s=60)
+        handle.embed.remote(windows).result(timeout_s=120)
+        busy.append(handle.record_autoscaling_stats.remote().result()["model_busy"])
+        if busy[-1] > 0:
+            break
+    assert 0 < busy[-1] <= 1, busy
