@@ -18,6 +18,7 @@ $(BASE): pyproject.toml | $(PY)
 	touch $(BASE)
 
 $(DEV): pyproject.toml | $(PY)
+	PYTHON=$(PYTHON) bash scripts/test-packages.sh
 	$(PY) -m pip install -e '.[dev]'
 	touch $(BASE) $(DEV)
 
