@@ -237,7 +237,9 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
 class CompiledEcapa(torch.nn.Module):
     """The package in `embedding_model`'s place: forward(x: (B, T, 80),
     lengths: (B,) all 1) -> (B, 1, 192). Shapes outside the package's
-    range, and partial lengths, go to `fallback` (the traced model)."""
+    range, and partial lengths, go to `fallback` (the traced model), one
+    window at a time: its activation scales are per batch, and a window's
+    embedding must not depend on the others'."""
 
     def __init__(self, runner, fallback: torch.nn.Module) -> None:
         super().__init__()
@@ -251,7 +253,11 @@ class CompiledEcapa(torch.nn.Module):
         whole = lengths is None or bool((lengths == 1).all())
         if whole and 1 <= b <= MAX_BATCH and MIN_FRAMES <= t <= MAX_FRAMES:
             return self.runner.run(x.contiguous())
-        return self.fallback(x, lengths)
+        if lengths is None:
+            return torch.cat([self.fallback(x[i : i + 1]) for i in range(b)])
+        return torch.cat(
+            [self.fallback(x[i : i + 1], lengths[i : i + 1]) for i in range(b)]
+        )
 
 
 def load(package: Path, fallback: torch.nn.Module) -> CompiledEcapa | None:
