@@ -3,8 +3,8 @@
     python image/conversation.py make DIR     # DIR/alice.wav, bob.wav, conv.wav, turns.json
     python image/conversation.py check DIR/turns.json TIMELINE.json
 
-`make` cuts, from the dev set's real speech (../shared/data/speakers, or
-DIGLETT_SPEAKERS), 10 s enrollment clips of two LibriSpeech speakers and a
+`make` cuts, from the dev set's real speech (the folder DIGLETT_SPEAKERS
+names; image/test.sh sets it), 10 s enrollment clips of two LibriSpeech speakers and a
 conversation of four turns (alice, bob, alice, bob) from *other*
 utterances of theirs. `check` prints the labels of each turn and fails
 unless, inside each turn (from 1 s after it starts, when the window has
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000
 SPEAKERS = {"alice": "LS-19", "bob": "LS-26"}
 ENROLL_S = 10.0
@@ -37,7 +36,9 @@ MIN_RIGHT = 0.75  # share of a turn's non-silence labels that must name its spea
 
 def speakers_dir() -> Path:
     env = os.environ.get("DIGLETT_SPEAKERS")
-    return Path(env) if env else ROOT.parent / "shared" / "data" / "speakers"
+    if not env:
+        raise SystemExit("set DIGLETT_SPEAKERS to the dev set's speakers folder")
+    return Path(env)
 
 
 def utterances(base: Path) -> dict[str, list[Path]]:

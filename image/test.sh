@@ -160,7 +160,8 @@ podman exec "$NAME" sh -c '
 '
 
 say "stream a conversation through the container (${SPEED}x real time)"
-"$PY" image/conversation.py make "$WORK/conv"
+DIGLETT_SPEAKERS="${DIGLETT_SPEAKERS:-$(cd .. && pwd)/shared/data/speakers}" \
+  "$PY" image/conversation.py make "$WORK/conv"
 t=$SECONDS
 DIGLETT_SESSION_FILE="$WORK/session.json" "$CLIENT" stream --url "ws://127.0.0.1:$PORT/v1/stream" --token "$TOKEN" \
   --enroll "alice=$WORK/conv/alice.wav" --enroll "bob=$WORK/conv/bob.wav" \
