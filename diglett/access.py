@@ -16,13 +16,12 @@ Secrets travel three ways (docs/protocol.md, "Authentication"):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 SUBPROTOCOL = "diglett.v1"
 TOKEN_PREFIX = "diglett.token."
 RESUME_PREFIX = "diglett.resume."
 RESUME_HEADER = "x-diglett-resume-token"
-SECRET_PARAMS = ("token", "resume_token")
 REDACTED = "REDACTED"
 
 # `token=…` or `resume_token=…` in a query string, up to the next separator.
@@ -74,8 +73,3 @@ def redact(text: str) -> str:
     """`text` with the values of `token` and `resume_token` query
     parameters (also percent-encoded ones) replaced by REDACTED."""
     return _SECRET_IN_QUERY.sub(lambda m: m["key"] + REDACTED, text)
-
-
-def redact_all(parts: Iterable[object]) -> tuple[object, ...]:
-    """`redact` applied to the strings among `parts` (log record args)."""
-    return tuple(redact(p) if isinstance(p, str) else p for p in parts)
