@@ -74,7 +74,8 @@ def main() -> int:
     model_dir = resolve_model_dir(Settings.from_env())
     models = {p: Embedder.load(model_dir, "cpu", p) for p in ("fp32", "int8")}
     models["int8-batched"] = Embedder.load(model_dir, "cpu", "int8")
-    models["int8-batched"].cpu_int8 = "batched"  # not "traced": whole batches
+    mods = models["int8-batched"].encoder.mods
+    mods.embedding_model = mods.embedding_model.model  # whole batches at once
     models["int8-channel-major"] = _channel_major_int8(model_dir)
     batch = _windows(args.data, args.batch)
     ref = np.stack([normalize(e) for e in models["fp32"].embed(batch)])

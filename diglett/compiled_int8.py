@@ -237,9 +237,8 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
 class CompiledEcapa(torch.nn.Module):
     """The package in `embedding_model`'s place: forward(x: (B, T, 80),
     lengths: (B,) all 1) -> (B, 1, 192). Shapes outside the package's
-    range, and partial lengths, go to `fallback` (the traced model), one
-    window at a time: its activation scales are per batch, and a window's
-    embedding must not depend on the others'."""
+    range, and partial lengths, go to `fallback` (the traced model, which
+    runs one window at a time: diglett/int8.py, OneWindowAtATime)."""
 
     def __init__(self, runner, fallback: torch.nn.Module) -> None:
         super().__init__()
@@ -253,11 +252,7 @@ class CompiledEcapa(torch.nn.Module):
         whole = lengths is None or bool((lengths == 1).all())
         if whole and 1 <= b <= MAX_BATCH and MIN_FRAMES <= t <= MAX_FRAMES:
             return self.runner.run(x.contiguous())
-        if lengths is None:
-            return torch.cat([self.fallback(x[i : i + 1]) for i in range(b)])
-        return torch.cat(
-            [self.fallback(x[i : i + 1], lengths[i : i + 1]) for i in range(b)]
-        )
+        return self.fallback(x, lengths)
 
 
 def load(package: Path, fallback: torch.nn.Module) -> CompiledEcapa | None:

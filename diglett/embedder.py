@@ -219,14 +219,6 @@ class Embedder:
 
         if self.device.startswith("cuda"):
             return self._run_cuda(rows)
-        if self.cpu_int8 == "traced":
-            # Its int8 activations are scaled by the range of the whole
-            # batch, so a window runs alone: its embedding never depends on
-            # another session's audio (tests/model/test_int8.py). At one torch
-            # thread that costs nothing (bench/cpu_model.py, "traced alone").
-            return np.concatenate(
-                [self._forward(torch.from_numpy(r[None]), 1).numpy() for r in rows]
-            )
         b = len(rows)
         wavs = torch.from_numpy(np.stack(rows))
         return self._forward(wavs, b).cpu().numpy()

@@ -89,13 +89,39 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
     return n
 
 
+class OneWindowAtATime(torch.nn.Module):
+    """`model` run on one window of the batch at a time.
+
+    Dynamically quantized, its int8 activations are scaled by the range of
+    the whole batch, so a window's embedding would move with the windows
+    batched beside it: another session's audio (tests/model/test_int8.py).
+    At one torch thread this costs no windows/s (bench/cpu_model.py,
+    int8 against int8-batched). forward(x: (B, T, 80), lengths: (B,) or
+    None) -> (B, 1, 192), as `model`'s.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if lengths is None:
+            return torch.cat([self.model(x[i : i + 1]) for i in range(x.shape[0])])
+        return torch.cat(
+            [self.model(x[i : i + 1], lengths[i : i + 1]) for i in range(x.shape[0])]
+        )
+
+
 def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.Module:
     """`model` (ECAPA's embedding_model) made int8 for CPU inference, in
     place (a replica never needs the float copy, so none is made); returned.
 
     An ECAPA then runs time-major (diglett/ecapa_time_major.py) and
     the network as a TorchScript trace; `time_major=False` keeps
-    SpeechBrain's own eager model, for side-by-side benchmarks.
+    SpeechBrain's own eager model, for side-by-side benchmarks. Either runs
+    one window at a time (OneWindowAtATime: `.model` is the network itself).
     """
     import warnings
 
@@ -120,4 +146,4 @@ def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.M
         )
     if isinstance(quantized, TimeMajorEcapa):
         quantized.trace()
-    return quantized
+    return OneWindowAtATime(quantized)

@@ -92,10 +92,7 @@ def test_shapes_outside_the_package_go_to_the_fallback():
     m(torch.zeros(2, compiled_int8.MIN_FRAMES - 1, 80))  # too short
     m(torch.zeros(compiled_int8.MAX_BATCH + 1, 20, 80))  # too many
     m(torch.zeros(2, 151, 80), torch.tensor([1.0, 0.5]))  # partial lengths
-    # The fallback (per-batch activation scales) runs one window at a time.
-    assert calls[0] == ("compiled", (3, 151, 80))
-    assert all(c[0] == "traced" and c[1][0] == 1 for c in calls[1:])
-    assert len(calls) == 1 + 2 + (compiled_int8.MAX_BATCH + 1) + 2
+    assert [c[0] for c in calls] == ["compiled", "traced", "traced", "traced"]
 
 
 @needs_model
