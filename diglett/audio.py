@@ -59,30 +59,45 @@ def check_format(sample_rate: int, encoding: str) -> InputFormat:
     return InputFormat(sample_rate, encoding)
 
 
-def decode_frame(data: bytes, fmt: InputFormat) -> np.ndarray:
-    """Decode one binary frame into float32 samples in [-1, 1], shape (n,).
+def frame_error(data: bytes, fmt: InputFormat) -> AudioError | None:
+    """Why one binary frame would be refused, or None; nothing is copied.
 
-    Raises AudioError with the protocol's code: `frame_too_large` for more
-    than 1 s of audio, `bad_audio` for a partial sample or non-finite floats.
+    `frame_too_large` for more than 1 s of audio, `bad_audio` for a partial
+    sample or non-finite floats. The ingress checks each frame once with it
+    (to know whether it may wait for more, `diglett/holdback.py`); the
+    session decodes it once, with `decode_frame`.
     """
     if len(data) > fmt.max_frame_bytes:
-        raise AudioError(
+        return AudioError(
             "frame_too_large",
             f"frame of {len(data)} bytes holds more than 1 s of audio "
             f"({fmt.max_frame_bytes} bytes at {fmt.sample_rate} Hz {fmt.encoding})",
         )
     if len(data) % fmt.bytes_per_sample:
-        raise AudioError(
+        return AudioError(
             "bad_audio",
             f"frame of {len(data)} bytes is not a whole number of "
             f"{fmt.bytes_per_sample}-byte samples",
         )
+    if (
+        fmt.encoding == "pcm_f32le"
+        and not np.isfinite(np.frombuffer(data, "<f4")).all()
+    ):
+        return AudioError("bad_audio", "float samples must be finite (no NaN or inf)")
+    return None
+
+
+def decode_frame(data: bytes, fmt: InputFormat) -> np.ndarray:
+    """Decode one binary frame into float32 samples in [-1, 1], shape (n,).
+
+    Raises the AudioError of `frame_error` for a frame it refuses.
+    """
+    err = frame_error(data, fmt)
+    if err is not None:
+        raise err
     if fmt.encoding == "pcm_s16le":
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    x = np.frombuffer(data, dtype="<f4").astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise AudioError("bad_audio", "float samples must be finite (no NaN or inf)")
-    return np.clip(x, -1.0, 1.0)
+    return np.clip(np.frombuffer(data, dtype="<f4"), -1.0, 1.0).astype(np.float32)
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:

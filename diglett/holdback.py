@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diglett.audio import AudioError, InputFormat, decode_frame
+from diglett.audio import InputFormat, frame_error
 
 Frame = tuple[bool, "str | bytes", float]  # (is_text, payload, receive time)
 
@@ -45,21 +45,20 @@ class HoldRule:
     fmt: InputFormat = field(default_factory=InputFormat)
 
 
-def can_hold(frames: list[Frame], rule: HoldRule) -> bool:
-    """Whether `frames` (is_text, payload, receive time) may wait for more:
-    all are valid audio frames, together under `rule.wanted` bytes."""
-    total = 0
-    for is_text, payload, _ in frames:
-        if is_text:
-            return False
-        try:
-            decode_frame(payload, rule.fmt)  # would it get an error now?
-        except AudioError:
+def can_hold(held: list[Frame], new: list[Frame], rule: HoldRule) -> bool:
+    """Whether `held + new` frames (is_text, payload, receive time) may wait
+    for more: all are valid audio frames, together under `rule.wanted` bytes.
+
+    `held`: frames this said could wait, under the same rule (the rule only
+    changes with an answer, which takes every held frame), so only `new` is
+    checked: each frame is checked once, and never decoded here.
+    """
+    total = sum(len(payload) for _, payload, _ in held)
+    for is_text, payload, _ in new:
+        if is_text or frame_error(payload, rule.fmt) is not None:
             return False
         total += len(payload)
-        if total >= rule.wanted:
-            return False
-    return True
+    return total < rule.wanted
 
 
 @dataclass
@@ -108,10 +107,6 @@ def send_by(
     if not frames or rule.wanted <= 0 or not pace.fast:
         return None
     for is_text, payload, _ in new:
-        if is_text:
-            return None
-        try:
-            decode_frame(payload, rule.fmt)
-        except AudioError:
+        if is_text or frame_error(payload, rule.fmt) is not None:
             return None
     return frames[0][2] + COALESCE_S

@@ -298,7 +298,7 @@ async def pump(
             if not eof and len(frames) < BATCH_FRAMES and item is not _DUE:
                 # Held for pace (`due` set), the hop is already complete:
                 # only the new frames need a look, in `send_by`.
-                if due is None and can_hold(frames, rule):
+                if due is None and can_hold(prior, new, rule):
                     held = frames
                     continue
                 due = send_by(prior, new, rule, pace)

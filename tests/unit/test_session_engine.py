@@ -1252,9 +1252,12 @@ def _held_run(c: Client, frames: list[bytes]) -> list[tuple[int, list]]:
     """
     out, held = [], []
     for i, f in enumerate(frames):
-        held.append(f)
-        if can_hold([(False, g, 0.0) for g in held], c.engine.hold_rule()):
+        if can_hold(
+            [(False, g, 0.0) for g in held], [(False, f, 0.0)], c.engine.hold_rule()
+        ):
+            held.append(f)
             continue
+        held.append(f)
         labels = []
         for g in held:
             labels += [m for m in c.frame(g) if m.get("type") == "label"]
@@ -1317,15 +1320,26 @@ def test_frames_that_deserve_an_answer_are_never_held():
     f32 = InputFormat(16000, "pcm_f32le")
     rule = HoldRule(wanted=10**6, fmt=f32)
     ok = (False, np.zeros(1600, "<f4").tobytes(), 0.0)
-    assert can_hold([ok, ok], rule)
-    assert not can_hold([ok, (True, '{"type": "end"}', 0.0)], rule)
-    assert not can_hold([ok, (False, b"\0" * 6, 0.0)], rule)  # partial sample
+    assert can_hold([ok], [ok], rule)
+    assert not can_hold([ok], [(True, '{"type": "end"}', 0.0)], rule)
+    assert not can_hold([ok], [(False, b"\0" * 6, 0.0)], rule)  # partial sample
     nan = (False, np.array([0.1, np.nan], "<f4").tobytes(), 0.0)
-    assert not can_hold([ok, nan], rule)  # bad_audio is answered now
+    assert not can_hold([ok], [nan], rule)  # bad_audio is answered now
     big = (False, np.zeros(16001, "<f4").tobytes(), 0.0)
-    assert not can_hold([big], rule)  # frame_too_large too
-    assert not can_hold([ok], HoldRule(wanted=6400, fmt=f32))  # a hop completes
-    assert not can_hold([ok], HoldRule())  # nothing to wait for
+    assert not can_hold([], [big], rule)  # frame_too_large too
+    assert not can_hold([], [ok], HoldRule(wanted=6400, fmt=f32))  # a hop completes
+    assert not can_hold([ok], [ok], HoldRule(wanted=12800, fmt=f32))  # held count too
+    assert not can_hold([], [ok], HoldRule())  # nothing to wait for
+
+
+def test_held_frames_are_checked_once():
+    """Frames already held were checked when they came: only new ones are
+    looked at again (so a long hold costs one check per frame)."""
+    rule = HoldRule(wanted=10**6, fmt=InputFormat(16000, "pcm_s16le"))
+    odd = (False, b"\0" * 3, 0.0)  # would be refused if checked again
+    ok = (False, b"\0" * 320, 0.0)
+    assert can_hold([odd], [ok], rule)
+    assert not can_hold([ok], [odd], rule)
 
 
 def test_whole_clip_is_embedded_only_as_the_fallback():
