@@ -9,13 +9,15 @@ HELD-OUT split of bench/tune_decision.py (ARCTIC-clb, VCTK-p227, VCTK-p228;
 every ordered (A, B, C), twice), so the numbers are on speakers the defaults
 were not tuned on.
 
-Each conversation goes through the server over the real protocol: connect,
+Each conversation goes through the server over the real protocol, in a
+session of the project's client (bench/harness.py): connect,
 `enroll` + 0.5 s pcm_s16le frames + `enroll_end` for A and B, `stream`, the
 conversation, `end`. By default the client sends as fast as the server
 answers (at most `--ahead` hops unanswered); `--realtime` paces the frames
 at 1x and measures label latency on the client. Without `--url` it starts
-the app itself (serve.run on a new local Ray instance, free port, the model
-from $DIGLETT_MODEL_DIR or ../shared/models); `DIGLETT_*` variables reach it.
+the app itself (bench/harness.py: a new local Ray instance, free port, the
+model from $DIGLETT_MODEL_DIR or ../shared/models); `DIGLETT_*` variables
+reach it.
 
 Reported, pooled over the conversations (0.1 s frames, 0.25 s collar around
 true changes, bench/metrics.py):
@@ -34,13 +36,14 @@ true changes, bench/metrics.py):
 Writes `accuracy.json`, `accuracy.md` (the README table) and one PNG per
 conversation (truth / ours / seed / level) under `--out-dir`.
 
-    .venv/bin/python bench/accuracy.py            # held-out split, ~5 min on 2 CPUs
-    .venv/bin/python bench/accuracy.py --url ws://HOST:8000/v1/stream --token T
+    .venv/bin/python -m bench.accuracy            # held-out split, ~5 min on 2 CPUs
+    .venv/bin/python -m bench.accuracy --url ws://HOST:8000/v1/stream --token T
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as futures
 import hashlib
 import io
@@ -55,128 +58,76 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import conversations as cv  # noqa: E402
-from bench import devset  # noqa: E402
-from bench import metrics as mt  # noqa: E402
-from bench import tune_decision as td  # noqa: E402
-from bench.eer import eer  # noqa: E402
-from diglett.settings import SAMPLE_RATE, Settings  # noqa: E402
+from bench import conversations as cv
+from bench import devset
+from bench import harness as hn
+from bench import metrics as mt
+from bench import tune_decision as td
+from bench.eer import eer
+from bench.harness import ROOT, Server
+from diglett.settings import SAMPLE_RATE, Settings
 
 FRAME_S = 0.5  # audio per binary frame
 CLASS_COLORS = {"A": "tab:blue", "B": "tab:orange", "noise": "tab:red"}
 
 
-# --------------------------------------------------------------- the server
-def start_server(model_dir: str) -> str:
-    """serve.run the app on a new local Ray instance; returns its ws URL."""
-    if model_dir:
-        os.environ["DIGLETT_MODEL_DIR"] = model_dir
-    from ray import serve
-
-    from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_until_healthy
-
-    port = start_local_serve(address="local")  # as `diglett serve` runs
-    serve.run(build_app(), name="diglett", route_prefix="/")
-    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
-    return f"ws://127.0.0.1:{port}/v1/stream"
-
-
-def stop_server() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
-def http_base(ws_url: str) -> str:
-    base = ws_url.split("/v1/stream")[0]
-    return "http" + base[len("ws") :]
-
-
 # ------------------------------------------------------------- the protocol
 def stream_conversation(
-    url: str,
-    token: str,
+    srv: Server,
     conv: cv.Conversation,
     *,
     realtime: bool = False,
     ahead: int = 8,
     timeout: float = 120.0,
 ) -> dict:
-    """One conversation through the WebSocket; returns the messages received.
+    """One conversation through a session of the project's client.
 
     Result: `ready`, `enrolled` (by speaker), `labels` (in order), `summary`,
     `close_code` and `client_latency_s` (per label: from sending the frame
     holding the hop's last sample to receiving the label).
     """
-    from websockets.sync.client import connect
+    return asyncio.run(_converse(srv, conv, realtime, ahead, timeout))
 
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    n = int(round(FRAME_S * SAMPLE_RATE))
+
+async def _converse(
+    srv: Server, conv: cv.Conversation, realtime: bool, ahead: int, timeout: float
+) -> dict:
     out: dict = {"enrolled": {}, "labels": [], "client_latency_s": []}
-    with connect(
-        url, additional_headers=headers, max_size=2**22, open_timeout=60
-    ) as ws:
-        out["ready"] = json.loads(ws.recv(timeout))
+    clock = hn.Clock()
+    errors: list[str] = []
+
+    def on_label(msg: dict) -> None:
+        out["labels"].append(msg)
+        lag = clock.label(msg, time.monotonic())
+        if lag is not None:
+            out["client_latency_s"].append(lag)
+
+    conn = await hn.connect(srv, on_label, errors.append)
+    try:
+        out["ready"] = conn.ready
+        clock.hop_samples = int(round(conn.ready["hop_s"] * SAMPLE_RATE))
+        n = int(round(FRAME_S * SAMPLE_RATE))
         for name in conv.speakers:
-            ws.send(json.dumps({"type": "enroll", "speaker": name}))
-            x = conv.enroll[name]
-            for i in range(0, x.size, n):
-                ws.send(cv.to_s16_bytes(x[i : i + n]))
-            ws.send(json.dumps({"type": "enroll_end"}))
-            msg = json.loads(ws.recv(timeout))
-            if msg.get("type") != "enrolled":
-                raise RuntimeError(f"enrolling {name}: {msg}")
-            out["enrolled"][name] = msg
-        hop = out["ready"]["hop_s"]
-        ws.send(json.dumps({"type": "stream"}))
-        sent_at: list[tuple[float, float]] = []  # (audio end s, send time)
-        t0 = time.monotonic()
-
-        def take(msg: dict) -> None:
-            if msg.get("type") == "label":
-                out["labels"].append(msg)
-                i = np.searchsorted([a for a, _ in sent_at], msg["end_s"] - 1e-6)
-                if i < len(sent_at):
-                    out["client_latency_s"].append(time.monotonic() - sent_at[i][1])
-            elif msg.get("type") == "summary":
-                out["summary"] = msg
-            elif msg.get("type") == "error":
-                raise RuntimeError(f"server error: {msg}")
-
-        x = conv.signal
-        for k, i in enumerate(range(0, x.size, n)):
-            while realtime:  # pace at 1x, taking labels while waiting
-                left = t0 + k * FRAME_S - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    take(json.loads(ws.recv(left)))
-                except TimeoutError:
-                    break
-            ws.send(cv.to_s16_bytes(x[i : i + n]))
-            sent_at.append((min(i + n, x.size) / SAMPLE_RATE, time.monotonic()))
-            while True:  # drain; in fast mode wait while too far ahead
-                behind = sent_at[-1][0] / hop - len(out["labels"])
-                wait = 0 if (realtime or behind <= ahead) else timeout
-                try:
-                    take(json.loads(ws.recv(wait)))
-                except TimeoutError:
-                    break
-        ws.send(json.dumps({"type": "end"}))
-        try:
-            while True:
-                take(json.loads(ws.recv(timeout)))
-        except Exception as exc:  # the close after the summary
-            if "summary" not in out:
-                raise RuntimeError(f"no summary: {exc!r}") from exc
-            out["close_code"] = getattr(getattr(exc, "rcvd", None), "code", None)
+            out["enrolled"][name] = await hn.enroll(
+                conn, name, conv.enroll[name], n, timeout
+            )
+        await conn.send_json({"type": "stream"})
+        await hn.stream(
+            conn,
+            conv.signal,
+            n,
+            speed=1.0 if realtime else 0.0,  # fast: as the server answers
+            clock=clock,
+            ahead=None if realtime else ahead,
+            timeout=timeout,
+        )
+        out["summary"] = await hn.finish(conn, timeout)
+        await asyncio.wait_for(conn.closed.wait(), timeout)  # the close after it
+        out["close_code"] = conn.close_code
+    finally:
+        await conn.close()
+    if errors:
+        raise RuntimeError(errors[0])
     return out
 
 
@@ -387,17 +338,17 @@ def run(args) -> dict:
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = not args.url
+    env = {"DIGLETT_MODEL_DIR": args.model_dir} if args.model_dir else {}
     t0 = time.perf_counter()
-    url = args.url or start_server(args.model_dir)
-    startup_s = time.perf_counter() - t0
-    try:
+    with hn.server(args.url, args.token, env, address="local") as srv:
+        startup_s = time.perf_counter() - t0
         s = Settings.from_env()
-        req = urllib.request.Request(http_base(url) + "/v1/info")
-        if args.token:
-            req.add_header("Authorization", f"Bearer {args.token}")
+        req = urllib.request.Request(srv.http + "/v1/info")
+        if srv.token:
+            req.add_header("Authorization", f"Bearer {srv.token}")
         info = json.loads(urllib.request.urlopen(req).read())
         client = EmbeddingClient(
-            http_base(url), args.token, cache_dir, info["model"].replace("/", "_")
+            srv.http, srv.token, cache_dir, info["model"].replace("/", "_")
         )
         ours_tot, seed_tot = mt.Score(), mt.Score()
         by_condition: dict[str, list[mt.Score]] = {}
@@ -408,7 +359,7 @@ def run(args) -> dict:
             conv = p.conv
             t0 = time.perf_counter()
             got = stream_conversation(
-                url, args.token, conv, realtime=args.realtime, ahead=args.ahead
+                srv, conv, realtime=args.realtime, ahead=args.ahead
             )
             stream_s += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -469,9 +420,6 @@ def run(args) -> dict:
                 f"(merged {pct(so.merged_accuracy)}), seed {pct(ss.accuracy)}",
                 flush=True,
             )
-    finally:
-        if started:
-            stop_server()
     q = lambda xs, v: float(np.percentile(xs, v)) if len(xs) else None  # noqa: E731
     res = {
         "speakers_dir": str(args.speakers_dir),
@@ -479,7 +427,7 @@ def run(args) -> dict:
         "conversations": len(preps),
         "audio_s": sum(p.conv.duration_s for p in preps),
         "scoring": {"frame_s": 0.1, "collar_s": 0.25, "classes": list(mt.CLASSES)},
-        "server": {"url": None if started else url, "info": info},
+        "server": {"url": None if started else args.url, "info": info},
         "settings": {
             k: getattr(s, k)
             for k in ("threshold", "rel_threshold", "gate_dbfs", "speech_min_frac")
@@ -561,8 +509,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-turns", type=int, default=14)
     ap.add_argument("--seed", type=int, default=20240601)
     ap.add_argument("--limit", type=int, default=0, help="first N conversations")
-    ap.add_argument("--url", default="", help="ws://HOST:PORT/v1/stream of a server")
-    ap.add_argument("--token", default=os.environ.get("DIGLETT_API_TOKEN", ""))
+    hn.server_args(ap)
     ap.add_argument("--realtime", action="store_true", help="pace audio at 1x")
     ap.add_argument("--ahead", type=int, default=8, help="hops unanswered (fast)")
     ap.add_argument(

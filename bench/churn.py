@@ -18,7 +18,7 @@ pool's keeper starts another (~0.75 s of CPU here, 0.47 s of it Ray's
 setup_worker.py). The two run side by side, interleaved, each round on a
 fresh local server.
 
-    python bench/churn.py --rounds 2
+    python -m bench.churn --rounds 2
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.load import SPEAKERS, _voices, session_pids, wait_for_pool  # noqa: E402
-from bench.sessions_start import _one, _session_memory  # noqa: E402
+from bench import harness as hn
+from bench import procs
+from bench.harness import RESULTS, SPEAKERS, Server
+from bench.sessions_start import _one
 
 
 def _busy_cpu_s() -> float:
@@ -49,21 +47,21 @@ def _busy_cpu_s() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
-async def _waves(args, url: str, enrolls, conv) -> tuple[list, set[int]]:
+async def _waves(args, srv: Server, enrolls, conv) -> tuple[list, set[int]]:
     """Run the waves; returns the sessions' results and every SessionActor
     pid seen meanwhile (sampled often: each lives for a whole session)."""
-    seen: set[int] = set(session_pids())
+    seen: set[int] = set(procs.session_pids())
     stop = asyncio.Event()
 
     async def watch() -> None:
         while not stop.is_set():
-            seen.update(session_pids())
+            seen.update(procs.session_pids())
             await asyncio.sleep(0.25)
 
     watcher = asyncio.create_task(watch())
     results: list = []
     for _ in range(args.waves):
-        wave = [_one(url, enrolls, conv, args.stream_s) for _ in range(args.wave)]
+        wave = [_one(srv, enrolls, conv, args.stream_s) for _ in range(args.wave)]
         results += await asyncio.gather(*wave)
         await asyncio.sleep(args.gap_s)
     stop.set()
@@ -73,37 +71,31 @@ async def _waves(args, url: str, enrolls, conv) -> tuple[list, set[int]]:
 
 def run_one(args) -> dict:
     """One server with DIGLETT_SESSION_RECYCLE=args.recycle; its row."""
-    os.environ["DIGLETT_EMBEDDER"] = "noop"
-    os.environ["DIGLETT_SESSION_RECYCLE"] = str(args.recycle)
-    from ray import serve
-
     from diglett.settings import Settings
-    from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
+    env = {"DIGLETT_EMBEDDER": "noop", "DIGLETT_SESSION_RECYCLE": str(args.recycle)}
+    os.environ.update(env)
     pool = Settings.from_env().session_pool
     args.wave = args.wave or pool
-    port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
-    serve.run(build_app(), name="diglett", route_prefix="/")
-    wait_until_healthy(f"http://127.0.0.1:{port}")
-    wait_for_pool()
-    time.sleep(3.0)
-    enrolls, conv = _voices(args.data)
-    url = f"ws://127.0.0.1:{port}/v1/stream"
-    pooled = set(session_pids())
-    own = psutil.Process()
-    busy0, own0, t0 = _busy_cpu_s(), sum(own.cpu_times()[:2]), time.monotonic()
-    results, seen = asyncio.run(_waves(args, url, enrolls, conv))
-    server_cpu = _busy_cpu_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
+    enrolls, conv = hn.voices(args.data)
+    with hn.local_server(env) as srv:
+        procs.wait_for_pool()
+        time.sleep(3.0)
+        pooled = set(procs.session_pids())
+        own = psutil.Process()
+        busy0, own0, t0 = _busy_cpu_s(), sum(own.cpu_times()[:2]), time.monotonic()
+        results, seen = asyncio.run(_waves(args, srv, enrolls, conv))
+        wall = time.monotonic() - t0
+        server_cpu = _busy_cpu_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
+        uss = [u for u, _ in procs.session_memory()["actor"]]  # the pool, after
     n = len(results)
     ready = np.array([r for r, _ in results])
-    uss = [u for u, _ in _session_memory()["actor"]]  # the pool, after the waves
     return {
         "recycle": args.recycle,
         "sessions": n,
         "pool": pool,
         "errors": sorted({e for _, e in results if e}),
-        "seconds": round(time.monotonic() - t0, 1),
+        "seconds": round(wall, 1),
         "server_cpu_s_per_session": round(server_cpu / n, 3),
         "actors_started": len(seen - pooled),
         "ready_p50_s": round(float(np.percentile(ready, 50)), 3),
@@ -122,7 +114,7 @@ def main() -> int:
     ap.add_argument("--stream-s", type=float, default=2.0)
     ap.add_argument("--gap-s", type=float, default=4.0)
     ap.add_argument("--data", type=Path, default=SPEAKERS)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--recycle",
         type=int,
@@ -137,7 +129,8 @@ def main() -> int:
     rows = []
     for _ in range(args.rounds):
         for recycle in (1, 0):
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--recycle", str(recycle)]
+            cmd = [sys.executable, "-m", "bench.churn", *sys.argv[1:]]
+            cmd += ["--recycle", str(recycle)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)

@@ -21,7 +21,7 @@ side and interleaved `--rounds` times, at each batch size of `--batches`.
 Prints windows/s, CPU per window, cosine to float32 and how far a window
 moves with its batch neighbours.
 
-    .venv/bin/python bench/compiled_int8.py --batches 1,2,4,8,16
+    .venv/bin/python -m bench.compiled_int8 --batches 1,2,4,8,16
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from cpu_model import SPEAKERS, _windows  # noqa: E402
+from bench.cpu_model import SPEAKERS, _windows
 
 
 def _rate(net, feats, seconds: float) -> tuple[float, float]:

@@ -13,8 +13,8 @@ speech), for each precision and torch thread count, side by side in one run
 and `--rounds` times interleaved, so a noisy shared machine hits all
 configurations alike. No Ray, no server.
 
-    .venv/bin/python bench/cpu_model.py                 # batch 8, threads 1 and all
-    .venv/bin/python bench/cpu_model.py --batch 4 --seconds 5
+    .venv/bin/python -m bench.cpu_model                 # batch 8, threads 1 and all
+    .venv/bin/python -m bench.cpu_model --batch 4 --seconds 5
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
+from bench.harness import SPEAKERS
 
 
 def _windows(folder: Path, n: int) -> list[np.ndarray]:

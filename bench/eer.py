@@ -5,7 +5,7 @@ Each speaker is enrolled with 5 s of its longest utterance; every 1.5 s window
 it and a non-target trial against every other speaker. Prints the EER and the
 threshold where false accepts equal false rejects, per speaker split.
 
-    python bench/eer.py [--data DIR] [--speakers A,B,...] [--window-s 1.5]
+    python -m bench.eer [--data DIR] [--speakers A,B,...] [--window-s 1.5]
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diglett import levels  # noqa: E402
-from diglett.decision import normalize  # noqa: E402
-from diglett.settings import Settings  # noqa: E402
+from bench.harness import SPEAKERS
+from diglett import levels
+from diglett.decision import normalize
+from diglett.settings import Settings
 
 
 def eer(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
@@ -38,7 +36,7 @@ def eer(target: np.ndarray, nontarget: np.ndarray) -> tuple[float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/speakers")
+    ap.add_argument("--data", type=Path, default=SPEAKERS)
     ap.add_argument("--speakers", default="")
     ap.add_argument("--window-s", type=float, default=1.5)
     ap.add_argument("--model-dir", default=os.environ.get("DIGLETT_MODEL_DIR", ""))

@@ -42,7 +42,7 @@ phase() { # name, time limit in s, gpu_embed.py arguments...
   local name=$1 limit=$2
   shift 2
   echo "== $name (at $((SECONDS - start)) s, $(date +%T))"
-  timeout -k 10 "$limit" python3 bench/gpu_embed.py --out "$out/$name.json" "$@" \
+  timeout -k 10 "$limit" python3 -m bench.gpu_embed --out "$out/$name.json" "$@" \
     "${extra[@]}" >"$out/$name.log" 2>&1
   echo "exit $?"
   grep '^{' "$out/$name.log" || tail -20 "$out/$name.log"

@@ -24,8 +24,8 @@ Sessions ramp step by step after a short warm-up, until a step is not held
 windows/s done against offered, p50/p95/p99 latency from a window falling
 due to its embedding's return, and the CPU the machine and the replica used.
 
-    python bench/gpu_embed.py --steps 2000,4000,8000,12000 --batch-size 512
-    python bench/gpu_embed.py --embedder noop --steps 20,40 --seconds 5   # CPU
+    python -m bench.gpu_embed --steps 2000,4000,8000,12000 --batch-size 512
+    python -m bench.gpu_embed --embedder noop --steps 20,40 --seconds 5   # CPU
 """
 
 from __future__ import annotations
@@ -40,10 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 HOP_S = 0.5
 WINDOW = 24000  # 1.5 s at 16 kHz

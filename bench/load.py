@@ -7,9 +7,9 @@ sessions held in real time, label latency (the server's `latency_ms` and
 the client-side lag from a hop's last sample sent to its label received),
 windows/s, CPU and memory, and a PNG of latency against sessions.
 
-    python bench/load.py --steps 2,4,8,12,16 --step-s 40            # real model
-    python bench/load.py --noop --fast --steps 8,16 --step-s 20      # serving path only
-    python bench/load.py --noop --speed 50 --steps 10,20,40 --step-s 20
+    python -m bench.load --steps 2,4,8,12,16 --step-s 40            # real model
+    python -m bench.load --noop --fast --steps 8,16 --step-s 20      # serving path only
+    python -m bench.load --noop --speed 50 --steps 10,20,40 --step-s 20
 
 `--burst M` adds M sessions that enroll at once while a step's sessions
 stream, and reports the streaming sessions' lag before and during it.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import sys
@@ -36,13 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import soundfile as sf
 
-from actors.fork_server import with_forked_workers
-from diglett.audio import encode_s16
+from bench import harness as hn
+from bench import procs
+from bench.harness import RESULTS, SPEAKERS, Server
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
 HELD_MS = 500.0  # a label later than this (p95) means the session is not held
 WARMUP_S = 10.0  # labels of a stream's first seconds of audio are not timed
 BURST_SPAN_S = 10.0  # --burst: lags compared over this long before and after
@@ -62,43 +59,8 @@ class SessionResult:
     window_times: list[tuple[float, float | None]] = field(default_factory=list)
 
 
-_s16 = encode_s16
-
-
-def _voices(folder: Path) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
-    """Two 5 s enrollments and a long conversation of the same speakers."""
-    by: dict[str, list[tuple[float, Path]]] = {}
-    for r in csv.DictReader((folder / "manifest.csv").open()):
-        by.setdefault(r["speaker"], []).append(
-            (float(r["duration_s"]), folder / r["file"])
-        )
-    files = {k: [p for _, p in sorted(v, reverse=True)] for k, v in by.items()}
-    rd = lambda p: sf.read(p, dtype="float32")[0]  # noqa: E731
-    a, b = "LS-19", "LS-26"
-    enrolls = [(a, rd(files[a][0])[: 5 * 16000]), (b, rd(files[b][0])[: 5 * 16000])]
-    turns = []
-    for pa, pb in zip(files[a][1:], files[b][1:]):
-        turns += [rd(pa), np.zeros(8000, np.float32), rd(pb)]
-    return enrolls, np.concatenate(turns)
-
-
-async def enroll_all(ws, enrolls) -> str:
-    """Enroll each (name, 16 kHz float audio) over an open session in 1 s
-    frames; returns "" or the error code that stopped it."""
-    for name, x in enrolls:
-        await ws.send(json.dumps({"type": "enroll", "speaker": name}))
-        for i in range(0, x.size, 16000):
-            await ws.send(_s16(x[i : i + 16000]))
-        await ws.send(json.dumps({"type": "enroll_end"}))
-        reply = json.loads(await ws.recv())
-        if reply["type"] != "enrolled":
-            return reply.get("code", "enroll failed")
-    return ""
-
-
 async def _session(
-    url: str,
-    headers: dict,
+    srv: Server,
     enrolls,
     conv: np.ndarray,
     start: int,
@@ -106,144 +68,45 @@ async def _session(
     speed: float,
     res: SessionResult,
 ) -> SessionResult:
-    import websockets
+    clock = hn.Clock()
 
-    sent_at: dict[int, float] = {}  # hop seq -> when its last sample was sent
+    def on_label(m: dict) -> None:
+        now = res.last_label_t = time.monotonic()
+        res.labels += 1
+        res.windows += "scores" in m
+        lag = clock.label(m, now)
+        lag = lag * 1e3 if lag is not None else None
+        if "scores" in m:
+            res.window_times.append((now, lag))
+        if m["start_s"] < WARMUP_S:
+            return  # all sessions enrolled at once just now
+        res.latency_ms.append(m["latency_ms"])
+        if lag is not None:
+            res.lag_ms.append(lag)
+
+    def on_error(line: str) -> None:
+        res.error = res.error or line
+
+    conn = None
     try:
-        async with websockets.connect(
-            url,
-            additional_headers=headers,
-            max_size=2**24,
-            open_timeout=60,
-            compression=None,
-        ) as ws:
-            ready = json.loads(await ws.recv())
-            if ready["type"] != "ready":
-                res.error = ready.get("code", "refused")
-                return res
-            t_enroll = time.monotonic()
-            res.error = await enroll_all(ws, enrolls)
-            if res.error:
-                return res
-            res.enroll_s = time.monotonic() - t_enroll
-            await ws.send(json.dumps({"type": "stream"}))
-
-            async def reader():
-                async for raw in ws:
-                    m = json.loads(raw)
-                    if m["type"] == "label":
-                        now = res.last_label_t = time.monotonic()
-                        res.labels += 1
-                        res.windows += "scores" in m
-                        t = sent_at.pop(m["seq"], None)
-                        lag = (now - t) * 1e3 if t is not None else None
-                        if "scores" in m:
-                            res.window_times.append((now, lag))
-                        if m["start_s"] < WARMUP_S:
-                            continue  # all sessions enrolled at once just now
-                        res.latency_ms.append(m["latency_ms"])
-                        if lag is not None:
-                            res.lag_ms.append(lag)
-                    elif m["type"] == "error":
-                        res.error = m["code"]
-
-            task = asyncio.create_task(reader())
-            chunk = 1600 if speed == 1.0 else 16000
-            t0 = res.stream_t = time.monotonic()
-            i = 0
-            while time.monotonic() - t0 < seconds:
-                if speed > 0:
-                    delay = t0 + i / 16000 / speed - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                j = (start + i) % (conv.size - chunk)
-                await ws.send(_s16(conv[j : j + chunk]))
-                now = time.monotonic()
-                for s in range(i // 8000, (i + chunk) // 8000):
-                    sent_at[s] = now
-                i += chunk
-            await ws.send(json.dumps({"type": "end"}))
-            await asyncio.wait_for(task, 300)
+        conn = await hn.connect(srv, on_label, on_error)
+        t_enroll = time.monotonic()
+        for name, x in enrolls:
+            await hn.enroll(conn, name, x)
+        res.enroll_s = time.monotonic() - t_enroll
+        await conn.send_json({"type": "stream"})
+        res.stream_t = time.monotonic()
+        chunk = 1600 if speed == 1.0 else 16000
+        await hn.stream(
+            conn, conv, chunk, speed, clock=clock, seconds=seconds, offset=start
+        )
+        await hn.finish(conn)
     except Exception as exc:  # a broken session is a result, not a crash
-        res.error = res.error or type(exc).__name__
+        res.error = res.error or hn.error_code(exc)
+    finally:
+        if conn is not None:
+            await conn.close()
     return res
-
-
-# Server processes by what they do (their Ray process titles), for the
-# per-role CPU breakdown; the first match wins.
-ROLES = (
-    ("model", "EmbeddingDeployment"),
-    ("ingress", "Ingress"),
-    ("proxy", "ProxyActor"),
-    ("sessions", "SessionActor"),
-    ("batcher", "EmbedBatcher"),
-    ("controller", "ServeController"),
-    ("raylet", "raylet"),
-    ("gcs", "gcs_server"),
-)
-
-
-def _role(cmdline: str) -> str:
-    return next((role for role, key in ROLES if key in cmdline), "other")
-
-
-def _server_procs() -> list[psutil.Process]:
-    """The local server's processes: everything this process started (Ray's
-    GCS, raylet, agents, workers), or, with `--url`, every Ray process."""
-    procs = psutil.Process().children(recursive=True)
-    if procs:  # and the SessionActors the fork server forked (not our descendants)
-        return with_forked_workers(procs)
-    return [
-        p
-        for p in psutil.process_iter()
-        if any(k in " ".join(_cmdline(p)) for k in ("ray::", "raylet", "gcs_server"))
-    ]
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _cpu_by_pid() -> dict[int, tuple[str, float]]:
-    """{pid: (role, CPU seconds so far)} of the server's processes."""
-    out = {}
-    for p in _server_procs():
-        try:
-            out[p.pid] = (_role(" ".join(p.cmdline())), sum(p.cpu_times()[:2]))
-        except psutil.Error:
-            pass
-    return out
-
-
-def _cpu_by_role(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds per role between two `_cpu_by_pid` snapshots (a worker
-    that took up a role meanwhile counts under it)."""
-    roles: dict[str, float] = {}
-    for pid, (role, cpu) in after.items():
-        roles[role] = roles.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
-    return roles
-
-
-async def _track_cpu(seen: dict, every_s: float = 1.0) -> None:
-    """Keep `seen` ({pid: (role, CPU s)}) at each server process's latest
-    reading, so that processes which end before the step does (a session's
-    SessionActor ends with it) still count, less their last second."""
-    while True:
-        seen.update(_cpu_by_pid())
-        await asyncio.sleep(every_s)
-
-
-def _ray_memory_mb() -> float:
-    total = 0.0
-    for p in _server_procs():
-        try:
-            total += p.memory_full_info().uss
-        except psutil.Error:
-            pass
-    return total / 2**20
 
 
 async def _all_streaming(results: list[SessionResult]) -> list[float]:
@@ -271,10 +134,12 @@ async def _steady(
     if t_b - t_a < 5.0:
         return {}
     await asyncio.sleep(t_a - time.monotonic())
-    cpu_a = _cpu_by_pid()
+    cpu_a = procs.cpu_by_pid()
     await asyncio.sleep(t_b - time.monotonic())
-    cpu_b = _cpu_by_pid()
-    by_role = _cpu_by_role(cpu_a, cpu_b)  # a process started meanwhile counts whole
+    cpu_b = procs.cpu_by_pid()
+    by_role = procs.cpu_by_role(
+        cpu_a, cpu_b
+    )  # a process started meanwhile counts whole
     seen = [(t, lag) for r in results for t, lag in r.window_times if t_a <= t < t_b]
     mid = (t_a + t_b) / 2
 
@@ -296,25 +161,25 @@ async def _steady(
     }
 
 
-async def _enroll_only(url: str, headers: dict, enrolls) -> float:
+async def _enroll_only(srv: Server, enrolls) -> float:
     """A session that connects, enrolls its two speakers and leaves; the
     seconds its enrollments took (nan when one failed)."""
-    import websockets
-
-    async with websockets.connect(
-        url, additional_headers=headers, max_size=2**24, open_timeout=60
-    ) as ws:
-        if json.loads(await ws.recv())["type"] != "ready":
-            return float("nan")
+    try:
+        conn = await hn.connect(srv)
+    except Exception:
+        return float("nan")
+    try:
         t0 = time.monotonic()
-        if await enroll_all(ws, enrolls):
-            return float("nan")
+        for name, x in enrolls:
+            await hn.enroll(conn, name, x)
         return time.monotonic() - t0
+    except Exception:
+        return float("nan")
+    finally:
+        await conn.close()
 
 
-async def _burst(
-    args, url: str, headers: dict, enrolls, results: list[SessionResult]
-) -> dict:
+async def _burst(args, srv: Server, enrolls, results: list[SessionResult]) -> dict:
     """`args.burst` new sessions enroll at once, `args.burst_at` s after the
     step's sessions all stream: the streaming sessions' lag in the
     `BURST_SPAN_S` before and after it starts (what a newcomer's enrollment
@@ -325,7 +190,7 @@ async def _burst(
     t_burst = max(started) + args.burst_at
     await asyncio.sleep(max(0.0, t_burst - time.monotonic()))
     took = await asyncio.gather(
-        *[_enroll_only(url, headers, enrolls) for _ in range(args.burst)]
+        *[_enroll_only(srv, enrolls) for _ in range(args.burst)]
     )
     await asyncio.sleep(max(0.0, t_burst + BURST_SPAN_S - time.monotonic()))
 
@@ -357,32 +222,30 @@ def _stream_rate(results: list[SessionResult]) -> float:
     return round(sum(r.windows for r in streamed) / span, 1)
 
 
-async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
+async def _step(args, srv: Server, enrolls, conv, n: int) -> dict:
     speed = 0.0 if args.fast else args.speed
     psutil.cpu_percent(None)
-    cpu0 = _cpu_by_pid()
+    cpu0 = procs.cpu_by_pid()
     own0 = sum(psutil.Process().cpu_times()[:2])
     seen = dict(cpu0)
-    tracker = asyncio.create_task(_track_cpu(seen))
+    tracker = asyncio.create_task(procs.track_cpu(seen))
     t0 = time.monotonic()
     results = [SessionResult() for _ in range(n)]
     steady = asyncio.create_task(_steady(results, args.step_s))
     burst = (
-        asyncio.create_task(_burst(args, url, headers, enrolls, results))
-        if args.burst
-        else None
+        asyncio.create_task(_burst(args, srv, enrolls, results)) if args.burst else None
     )
     await asyncio.gather(
         *[
-            _session(url, headers, enrolls, conv, k * 37 * 1600, args.step_s, speed, r)
+            _session(srv, enrolls, conv, k * 37 * 1600, args.step_s, speed, r)
             for k, r in enumerate(results)
         ]
     )
     wall = time.monotonic() - t0
     cpu = psutil.cpu_percent(None)
     tracker.cancel()
-    seen.update(_cpu_by_pid())
-    by_role = _cpu_by_role(cpu0, seen)
+    seen.update(procs.cpu_by_pid())
+    by_role = procs.cpu_by_role(cpu0, seen)
     server_cpu = sum(by_role.values())
     windows = max(1, sum(r.windows for r in results))
     lat = np.array([v for r in results for v in r.latency_ms] or [np.nan])
@@ -423,7 +286,7 @@ async def _step(args, url, headers, enrolls, conv, n: int) -> dict:
         "load_generator_cpu_ms_per_window": round(
             (sum(psutil.Process().cpu_times()[:2]) - own0) * 1e3 / windows, 2
         ),
-        "ray_uss_mb": round(_ray_memory_mb(), 1),
+        "ray_uss_mb": round(procs.memory_by_role()["total"]["uss_mib"], 1),
     }
     if burst is not None:
         row["burst"] = await burst
@@ -451,57 +314,21 @@ def _plot(rows: list[dict], out: Path, title: str) -> None:
     fig.savefig(out, dpi=110)
 
 
-def session_pids() -> list[int]:
-    """PIDs of the SessionActors on this machine (pooled ones included)."""
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if " ".join(p.info["cmdline"] or []).startswith("ray::SessionActor")
-    ]
-
-
-def wait_for_pool(timeout_s: float = 300.0) -> float:
-    """Wait until the ingress's warm pool of SessionActors has filled, as on
-    a server that has been up a while; returns the seconds it took."""
-    from diglett.settings import Settings
-
-    pool = Settings.from_env().session_pool
-    t0 = time.monotonic()
-    while len(session_pids()) < pool and time.monotonic() - t0 < timeout_s:
-        time.sleep(0.5)
-    return time.monotonic() - t0
-
-
-def _start_local(args) -> str:
-    import ray
-    from ray import serve
-
-    sys.path.insert(0, str(ROOT))
+def _server_env(args) -> dict[str, str]:
+    """The local server's settings for these options."""
+    env = {"DIGLETT_MAX_SESSIONS": os.environ.get("DIGLETT_MAX_SESSIONS", "5000")}
     if args.noop:
-        os.environ["DIGLETT_EMBEDDER"] = "noop"
+        env["DIGLETT_EMBEDDER"] = "noop"
     if args.fast or args.speed > 20:  # past the default rate limit
-        os.environ["DIGLETT_MAX_RATE"] = "0"
-    os.environ.setdefault("DIGLETT_MAX_SESSIONS", "5000")
+        env["DIGLETT_MAX_RATE"] = "0"
     if args.pool >= 0:
-        os.environ["DIGLETT_SESSION_POOL"] = str(args.pool)
-    from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_until_healthy
-
-    port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
-    # As `diglett serve` does: one CPU embedding replica per machine without
-    # a GPU (a second splits the same cores), one per GPU otherwise.
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    app = build_app({"max_embed_replicas": gpus or 1})
-    serve.run(app, name="diglett", route_prefix="/")
-    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
-    print(f"warm pool filled in {wait_for_pool():.1f} s", flush=True)
-    return f"ws://127.0.0.1:{port}/v1/stream"
+        env["DIGLETT_SESSION_POOL"] = str(args.pool)
+    return env
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--url", default="")
-    ap.add_argument("--token", default=os.environ.get("DIGLETT_API_TOKEN", ""))
+    hn.server_args(ap)
     ap.add_argument("--steps", default="1,2,4,8")
     ap.add_argument("--step-s", type=float, default=30.0)
     ap.add_argument("--noop", action="store_true", help="benchmark-only no-op model")
@@ -520,7 +347,7 @@ def main() -> int:
         help="seconds after every session of the step streams",
     )
     ap.add_argument("--data", type=Path, default=SPEAKERS)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--pool",
         type=int,
@@ -529,12 +356,13 @@ def main() -> int:
         "starts once it has filled",
     )
     args = ap.parse_args()
-    url = args.url or _start_local(args)
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    enrolls, conv = _voices(args.data)
+    enrolls, conv = hn.voices(args.data)
     rows = []
-    for n in [int(x) for x in args.steps.split(",")]:
-        rows.append(asyncio.run(_step(args, url, headers, enrolls, conv, n)))
+    with hn.server(args.url, args.token, _server_env(args)) as srv:
+        if not args.url:  # the first step starts on a full pool
+            print(f"warm pool filled in {procs.wait_for_pool():.1f} s", flush=True)
+        for n in [int(x) for x in args.steps.split(",")]:
+            rows.append(asyncio.run(_step(args, srv, enrolls, conv, n)))
     args.out.mkdir(parents=True, exist_ok=True)
     tag = ("noop" if args.noop else "ecapa") + (
         "-fast" if args.fast else f"-x{args.speed:g}" if args.speed != 1 else ""

@@ -12,7 +12,7 @@ Prints, per call, the CPU ms spent by the caller (this process), the
 SessionActor-like callee and the batcher-like inner callee, and, per idle
 actor, its CPU (% of a core) and how often its main thread wakes up.
 
-    python bench/ray_overhead.py --calls 400
+    python -m bench.ray_overhead --calls 400
 """
 
 from __future__ import annotations

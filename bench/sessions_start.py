@@ -15,9 +15,9 @@ model), and reports:
   server itself is shared by all, and `pss_per_session_mib` counts it and
   every shared page, split among the processes that map it.
 
-    python bench/sessions_start.py --sessions 100
-    python bench/sessions_start.py --sessions 100 --pool 0   # no warm pool
-    DIGLETT_SESSION_FORK=0 python bench/sessions_start.py    # Ray's own workers
+    python -m bench.sessions_start --sessions 100
+    python -m bench.sessions_start --sessions 100 --pool 0   # no warm pool
+    DIGLETT_SESSION_FORK=0 python -m bench.sessions_start    # Ray's own workers
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,80 +32,53 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import harness as hn
+from bench import procs
+from bench.harness import SPEAKERS, Server
 
-from bench.load import (
-    SPEAKERS,
-    _voices,
-    enroll_all,
-    session_pids,
-    wait_for_pool,
-)  # noqa: E402
-from diglett.audio import encode_s16  # noqa: E402
+READY_TIMEOUT_S = 300.0  # many sessions opening at once with no warm pool
 
 
 async def _one(
-    url: str, enrolls, conv: np.ndarray, stream_s: float, opened=None, hold=None
-):
+    srv: Server, enrolls, conv: np.ndarray, stream_s: float, opened=None, hold=None
+) -> tuple[float, str]:
     """One session: open (timed), wait until all are open (`opened`, if
-    given), enroll, stream, then wait for `hold` (if given) and `end`."""
-    import websockets
+    given), enroll, stream, then wait for `hold` (if given) and `end`;
+    (seconds to `ready`, "" or the error that stopped it)."""
+    want = int(stream_s * hn.SAMPLE_RATE) // hn.HOP_SAMPLES  # labels streamed
+    labels, labelled = [0], asyncio.Event()
+
+    def on_label(_: dict) -> None:
+        labels[0] += 1
+        if labels[0] >= want:
+            labelled.set()
 
     t0 = time.monotonic()
-    async with websockets.connect(
-        url, max_size=2**24, open_timeout=300, compression=None
-    ) as ws:
-        ready = json.loads(await ws.recv())
+    try:
+        conn = await hn.connect(srv, on_label, ready_timeout_s=READY_TIMEOUT_S)
+    except Exception as exc:
         start_s = time.monotonic() - t0
         if opened is not None:
             await opened()
-        if ready["type"] != "ready":
-            return start_s, ready.get("code", "refused")
-        failed = await enroll_all(ws, enrolls)
-        if failed:
-            return start_s, failed
-        await ws.send(json.dumps({"type": "stream"}))
-        n = int(stream_s * 16000)
-        for i in range(0, n, 16000):
-            await ws.send(encode_s16(conv[i : i + 16000]))
-        labels = 0
-        while labels < n // 8000:
-            labels += json.loads(await ws.recv())["type"] == "label"
+        return start_s, hn.error_code(exc)
+    start_s = time.monotonic() - t0
+    try:
+        if opened is not None:
+            await opened()
+        for name, x in enrolls:
+            await hn.enroll(conn, name, x)
+        await conn.send_json({"type": "stream"})
+        n = int(stream_s * hn.SAMPLE_RATE)
+        await hn.stream(conn, conv[:n], hn.SAMPLE_RATE, speed=0)
+        await asyncio.wait_for(labelled.wait(), READY_TIMEOUT_S)
         if hold is not None:
             await hold.wait()
-        await ws.send(json.dumps({"type": "end"}))
-        async for _ in ws:
-            pass
+        await hn.finish(conn)
+    except Exception as exc:
+        return start_s, hn.error_code(exc)
+    finally:
+        await conn.close()
     return start_s, ""
-
-
-# The processes a session costs: its SessionActor and, when forked, the shim
-# Ray started for it (actors/fork_shim.py); the node's fork server is shared.
-ROLES = (
-    ("actor", lambda cmd: cmd.startswith("ray::SessionActor")),
-    ("shim", lambda cmd: "fork_shim.py" in cmd),
-    ("server", lambda cmd: "actors.fork_server" in cmd),
-)
-
-
-def _session_memory() -> dict[str, list[tuple[float, float]]]:
-    """{role: [(USS, PSS) in MiB of each process]}, in one pass and one
-    smaps read per process. PSS splits each shared page among the processes
-    that map it."""
-    out: dict[str, list[tuple[float, float]]] = {role: [] for role, _ in ROLES}
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        role = next((r for r, match in ROLES if match(cmd)), None)
-        if role is None:
-            continue
-        try:
-            info = p.memory_full_info()
-        except psutil.Error:
-            continue
-        out[role].append((info.uss / 2**20, info.pss / 2**20))
-    return out
 
 
 async def _idle_cpu(seconds: float) -> dict[str, float]:
@@ -114,15 +86,15 @@ async def _idle_cpu(seconds: float) -> dict[str, float]:
     share and each SessionActor's (shim included) share of a core, over
     `seconds`. An idle Ray actor's main thread wakes every 10 ms to check
     for signals (Ray's CoreWorker, not configurable), which sets the floor."""
-    procs = []
+    watched = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(match(cmd) for role, match in ROLES if role != "server"):
-            procs.append(p)
+        if any(match(cmd) for role, match in procs.SESSION_ROLES if role != "server"):
+            watched.append(p)
 
     def used() -> float:
         total = 0.0
-        for p in procs:
+        for p in watched:
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
@@ -135,7 +107,7 @@ async def _idle_cpu(seconds: float) -> dict[str, float]:
     machine1, own1, wall = psutil.cpu_times(), used(), time.monotonic() - t0
     span = sum(machine1) - sum(machine0)
     idle = (machine1.idle + machine1.iowait) - (machine0.idle + machine0.iowait)
-    actors = sum(1 for p in procs if "SessionActor" in " ".join(p.cmdline()))
+    actors = sum(1 for p in watched if "SessionActor" in " ".join(p.cmdline()))
     return {
         "machine_busy_pct": round(100 * (1 - idle / span), 2),
         "session_core_pct": round(100 * (own1 - own0) / wall / max(1, actors), 3),
@@ -153,33 +125,24 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    os.environ["DIGLETT_EMBEDDER"] = "noop"
-    os.environ["DIGLETT_MAX_SESSIONS"] = str(max(500, args.sessions))
+    env = {
+        "DIGLETT_EMBEDDER": "noop",
+        "DIGLETT_MAX_SESSIONS": str(max(500, args.sessions)),
+    }
     if args.pool >= 0:
-        os.environ["DIGLETT_SESSION_POOL"] = str(args.pool)
-    import ray
-    from ray import serve
+        env["DIGLETT_SESSION_POOL"] = str(args.pool)
+    enrolls, conv = hn.voices(args.data)
+    with hn.local_server(env) as srv:
+        return _measure(args, srv, enrolls, conv)
 
+
+def _measure(args, srv: Server, enrolls, conv: np.ndarray) -> int:
+    """Everything but the server's start: the pool, the sessions, the row."""
     from diglett.settings import Settings
-    from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_until_healthy
 
-    port = start_local_serve()  # Ray and Serve as `diglett serve` runs them
-    serve.run(build_app(), name="diglett", route_prefix="/")
-    wait_until_healthy(f"http://127.0.0.1:{port}")  # not via the fallback
-    pool_fill_s = wait_for_pool()  # as on a server up for a while
+    pool_fill_s = procs.wait_for_pool()  # as on a server up for a while
     time.sleep(2.0)
-
-    @ray.remote(num_cpus=0)
-    class Bare:
-        def pid(self) -> int:
-            return os.getpid()
-
-    bare = Bare.remote()
-    bare_uss = psutil.Process(ray.get(bare.pid.remote())).memory_full_info().uss
-    bare_uss /= 2**20
-    enrolls, conv = _voices(args.data)
-    url = f"ws://127.0.0.1:{port}/v1/stream"
+    bare, bare_uss = procs.bare_actor()  # alive, as a session's neighbour
 
     async def run():
         hold, all_open = asyncio.Event(), asyncio.Event()
@@ -193,7 +156,7 @@ def main() -> int:
             await all_open.wait()
 
         tasks = [
-            asyncio.create_task(_one(url, enrolls, conv, args.stream_s, opened, hold))
+            asyncio.create_task(_one(srv, enrolls, conv, args.stream_s, opened, hold))
             for _ in range(args.sessions)
         ]
         # Every session streamed: measure while all are still open.
@@ -201,11 +164,11 @@ def main() -> int:
             await asyncio.sleep(2.0)
             if all(t.done() for t in tasks):
                 break
-            pids = session_pids()
+            pids = procs.session_pids()
             if len(pids) >= args.sessions:
                 await asyncio.sleep(args.stream_s + 10.0)
                 break
-        by_role = _session_memory()
+        by_role = procs.session_memory()
         actors = by_role["actor"]
         mem = {
             "uss": [uss for uss, _ in actors],
@@ -213,7 +176,7 @@ def main() -> int:
             "server_uss": [uss for uss, _ in by_role["server"]],
             # Everything the sessions cost, shared pages included, per session.
             "pss_per_session": sum(
-                pss for procs in by_role.values() for _, pss in procs
+                pss for group in by_role.values() for _, pss in group
             )
             / max(1, len(actors)),
         }
@@ -257,8 +220,6 @@ def main() -> int:
         "wall_s": round(wall, 1),
     }
     print(json.dumps(row))
-    serve.shutdown()
-    ray.shutdown()
     return 0
 
 

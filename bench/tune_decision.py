@@ -42,7 +42,7 @@ diglett/decision.py); with --absolute it is the one cosine threshold for
 all speakers, with relative bars off. Enrollment sub-window embeddings are
 cached by speaker and the digest of their audio.
 
-Usage: .venv/bin/python bench/tune_decision.py [--quick] [--absolute] [--model-dir DIR]
+Usage: .venv/bin/python -m bench.tune_decision [--quick] [--absolute] [--model-dir DIR]
 Writes bench/results/tune_decision.json.
 """
 
@@ -61,8 +61,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench import conversations as cv  # noqa: E402
 from bench import metrics as mt  # noqa: E402

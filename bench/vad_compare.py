@@ -42,8 +42,8 @@ pushes, single-threaded, including the per-hop `speech_fraction` query; and,
 in a fresh process each, import + creation time and RSS delta of one
 detector (numpy already imported).
 
-    .venv/bin/python bench/vad_compare.py            # ~3-5 min on one core
-    .venv/bin/python bench/vad_compare.py --quick    # fewer items
+    .venv/bin/python -m bench.vad_compare            # ~3-5 min on one core
+    .venv/bin/python -m bench.vad_compare --quick    # fewer items
 """
 
 from __future__ import annotations
@@ -64,8 +64,6 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from bench import conversations as cv  # noqa: E402
 from diglett import levels  # noqa: E402
@@ -541,7 +539,6 @@ import numpy as np
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-sys.path.insert(0, sys.argv[2])
 x = (np.random.default_rng(0).standard_normal(8000) * 0.01).astype(np.float32)
 r0 = rss(); t0 = time.perf_counter(); c0 = time.process_time()
 kind = sys.argv[1]
@@ -571,7 +568,8 @@ def fresh_cost(kind: str) -> dict:
     runs = []
     for _ in range(2):  # the second run has warm file caches
         out = subprocess.run(
-            [sys.executable, "-c", FRESH, kind, str(ROOT)],
+            [sys.executable, "-c", FRESH, kind],
+            cwd=ROOT,  # `-c` imports from the working directory
             capture_output=True,
             text=True,
             env=env,

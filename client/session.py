@@ -74,7 +74,9 @@ class Connection:
 
     `label` messages go to `on_label`, non-fatal errors to `on_error`, and
     everything else (`enrolled`, `format_ok`, `summary`, errors answering a
-    request) to `replies`.
+    request) to `replies`. `open_timeout_s` bounds the WebSocket handshake
+    and `ready_timeout_s` the wait for `ready` after it (a server opening
+    many sessions at once, with no warm actors, takes longer than one).
     """
 
     def __init__(
@@ -83,9 +85,13 @@ class Connection:
         token: str,
         on_label: Callable[[dict], None],
         on_error: Callable[[str], None],
+        open_timeout_s: float = 30.0,
+        ready_timeout_s: float = 60.0,
     ) -> None:
         self.url = url
         self.token = token
+        self.open_timeout_s = open_timeout_s
+        self.ready_timeout_s = ready_timeout_s
         self.on_label = on_label
         self.on_error = on_error
         self.ws = None
@@ -111,7 +117,7 @@ class Connection:
                 url,
                 additional_headers=headers,
                 max_size=2**24,
-                open_timeout=30,
+                open_timeout=self.open_timeout_s,
                 compression=None,  # PCM does not compress; deflate costs both ends CPU
             )
         except InvalidURI:
@@ -132,7 +138,9 @@ class Connection:
         except OSError as exc:
             raise Dropped(f"cannot reach {self.url}: {exc.strerror or exc}") from None
         try:
-            first = json.loads(await asyncio.wait_for(self.ws.recv(), 60))
+            first = json.loads(
+                await asyncio.wait_for(self.ws.recv(), self.ready_timeout_s)
+            )
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             name = CLOSE_NAMES.get(code)

@@ -38,7 +38,8 @@ def test_gpu_benchmark_runs_without_haproxy_and_reports_every_step(tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [
         sys.executable,
-        str(ROOT / "bench" / "gpu_embed.py"),
+        "-m",
+        "bench.gpu_embed",
         "--embedder=ecapa-random",
         "--device=cpu",
         "--batch-size=4",

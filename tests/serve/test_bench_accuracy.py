@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import accuracy as acc  # noqa: E402
-from bench import conversations as cv  # noqa: E402
-from conftest import API_TOKEN, SPEAKERS, needs_model, needs_speakers  # noqa: E402
-from diglett.settings import Settings  # noqa: E402
+from bench import accuracy as acc
+from bench import conversations as cv
+from bench.harness import Server
+from conftest import API_TOKEN, SPEAKERS, needs_model, needs_speakers
+from diglett.settings import Settings
 
 TRUTH = [(0.0, 1.0, "silence"), (1.0, 3.0, "A"), (3.0, 3.2, "silence"), (3.2, 5.0, "B")]
 TRUTH += [(5.0, 6.5, "noise"), (6.5, 7.0, "silence")]
@@ -73,11 +67,6 @@ def test_picture_is_a_small_png(tmp_path):
     assert len(data) < 100_000
 
 
-def test_http_base():
-    assert acc.http_base("ws://127.0.0.1:9/v1/stream") == "http://127.0.0.1:9"
-    assert acc.http_base("wss://h/v1/stream?x=1") == "https://h"
-
-
 @needs_model
 @needs_speakers
 @pytest.mark.model
@@ -87,7 +76,8 @@ def test_live_conversation(server, tmp_path):
     conv = cv.build_conversation(
         np.random.default_rng(3), utts, "VCTK-p228", "LS-26", "ARCTIC-clb", n_turns=4
     )
-    got = acc.stream_conversation(server["ws"], API_TOKEN, conv)
+    srv = Server(server["ws"], API_TOKEN)
+    got = acc.stream_conversation(srv, conv)
     assert set(got["enrolled"]) == {"VCTK-p228", "LS-26"}
     labels = got["labels"]
     assert [m["seq"] for m in labels] == list(range(len(labels)))
@@ -95,14 +85,10 @@ def test_live_conversation(server, tmp_path):
     assert got["summary"]["labels"] == len(labels)
     ours = acc.mt.score(conv.truth, labels, conv.speakers, duration_s=conv.duration_s)
     assert ours.accuracy > 0.8
-    client = acc.EmbeddingClient(
-        acc.http_base(server["ws"]), API_TOKEN, tmp_path, "test"
-    )
+    client = acc.EmbeddingClient(srv.http, API_TOKEN, tmp_path, "test")
     slabels, sscores = acc.seed_labels(conv, client, Settings())
     assert client.new > 10 and len(slabels) == len(sscores)
     assert slabels[-1][1] == pytest.approx(conv.duration_s, abs=1e-3)
-    again = acc.EmbeddingClient(
-        acc.http_base(server["ws"]), API_TOKEN, tmp_path, "test"
-    )
+    again = acc.EmbeddingClient(srv.http, API_TOKEN, tmp_path, "test")
     assert acc.seed_labels(conv, again, Settings())[0] == slabels
     assert again.new == 0  # all from the disk cache

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import conversations as cv  # noqa: E402
-from bench import metrics as mt  # noqa: E402
+from bench import conversations as cv
+from bench import metrics as mt
+from conftest import SPEAKERS
 
 SR = cv.SAMPLE_RATE
 
@@ -153,9 +147,6 @@ def test_inner_silence_is_labelled_silence(utts):
         inside = [seg for seg in c.truth if t.start_s < seg[0] and seg[1] < t.end_s]
         inner += sum(1 for seg in inside if seg[2] == "silence")
     assert inner >= 1
-
-
-SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"
 
 
 @pytest.mark.skipif(
