@@ -26,7 +26,7 @@ A conversation (`build`):
 - The truth tiles the signal: (start_s, end_s, label), label in
   {A, B, "noise", "silence"}.
 
-    .venv/bin/python bench/devset.py --summary   # what the folds hold
+    .venv/bin/python -m bench.devset --summary   # what the folds hold
 """
 
 from __future__ import annotations
