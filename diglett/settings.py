@@ -86,6 +86,9 @@ class Settings:
     # measure the serving path alone) or "ecapa-random" (real shape, random
     # weights, for GPU machines the weights cannot reach).
     embedder: str = "ecapa"
+    # BENCHMARK/TEST ONLY, with embedder "noop": seconds the no-op model
+    # sleeps per window, a model of known cost that uses no CPU.
+    noop_window_s: float = 0.0
     # Threads torch may use in a CPU embedding replica; 0: all of the node's
     # cores but one (serve_app/embedding.py, default_torch_threads). Ray's
     # OMP_NUM_THREADS=1 for a 1-CPU actor is not what a big CPU node wants.
@@ -230,6 +233,8 @@ class Settings:
             raise ValueError("DIGLETT_CLIENT_MAX_SESSIONS/_NEW_BURST must be 0 or more")
         if self.client_new_per_s < 0:
             raise ValueError("DIGLETT_CLIENT_NEW_PER_S must be 0 or more")
+        if self.noop_window_s < 0:
+            raise ValueError("DIGLETT_NOOP_WINDOW_S must be 0 or more")
         if self.forwarded_hops < 0:
             raise ValueError("DIGLETT_FORWARDED_HOPS must be 0 or more")
         if self.allow_open not in (0, 1):
