@@ -15,8 +15,9 @@ Secrets travel three ways (docs/protocol.md, "Authentication"):
 
 from __future__ import annotations
 
+import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 SUBPROTOCOL = "diglett.v1"
 TOKEN_PREFIX = "diglett.token."
@@ -51,6 +52,16 @@ def given_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str:
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
     return _from_subprotocols(headers, TOKEN_PREFIX) or query.get("token", "")
+
+
+def matching_token(given: str, tokens: Iterable[str]) -> str | None:
+    """The configured token `given` equals, or None; every token is compared
+    in constant time, so the time taken says nothing about which matched."""
+    found = None
+    for token in tokens:
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = token
+    return found
 
 
 def given_resume_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str:

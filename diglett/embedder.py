@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -296,16 +297,20 @@ class NoopEmbedder:
 
     Lets `bench/load.py` measure what the serving path itself costs
     (WebSocket ingress, SessionActors, batching) with the model taken out.
-    Selected by `DIGLETT_EMBEDDER=noop`; never the default.
+    Selected by `DIGLETT_EMBEDDER=noop`; never the default. With
+    `window_s` > 0 it takes that long per window, asleep: a model of known
+    cost that uses no CPU (the multi-node autoscaling test keeps a replica
+    busy with it on a 2-core machine).
     """
 
     device = "none"
     precision = "none"
     compiled = False
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = 0.0) -> None:
         self._vec = np.ones(EMBEDDING_DIM, dtype=np.float32)
         self.batch_shapes: tuple[int, ...] = ()
+        self.window_s = window_s
 
     def set_batch_shapes(self, shapes: tuple[int, ...]) -> None:
         self.batch_shapes = tuple(sorted(set(shapes)))
@@ -314,6 +319,8 @@ class NoopEmbedder:
         return 0.0
 
     def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
+        if self.window_s > 0:
+            time.sleep(self.window_s * len(signals))
         return [self._vec for _ in signals]
 
 

@@ -64,6 +64,17 @@ class Settings:
     allow_open: int = 0
     session_ttl_s: float = 60.0
     max_sessions: int = 500
+    # Per client (an API token when there are several, an address when it
+    # is provably the client's; diglett/client_limits.py), per ingress
+    # replica: sessions held (open or resumable) and new sessions per second
+    # (a bucket of client_new_burst). 0: that rule is off.
+    client_max_sessions: int = 100
+    client_new_per_s: float = 5.0
+    client_new_burst: int = 50
+    # Proxies in front of Ray Serve that each append the address they saw to
+    # X-Forwarded-For (e.g. 1: one load balancer, and port 8000 reachable
+    # only through it). 0: no client-sent X-Forwarded-For is believed.
+    forwarded_hops: int = 0
     max_rate: float = 20.0
     rate_burst_s: float = 60.0
     enroll_min_s: float = 3.0
@@ -75,6 +86,9 @@ class Settings:
     # measure the serving path alone) or "ecapa-random" (real shape, random
     # weights, for GPU machines the weights cannot reach).
     embedder: str = "ecapa"
+    # BENCHMARK/TEST ONLY, with embedder "noop": seconds the no-op model
+    # sleeps per window, a model of known cost that uses no CPU.
+    noop_window_s: float = 0.0
     # Threads torch may use in a CPU embedding replica; 0: all of the node's
     # cores but one (serve_app/embedding.py, default_torch_threads). Ray's
     # OMP_NUM_THREADS=1 for a 1-CPU actor is not what a big CPU node wants.
@@ -215,6 +229,14 @@ class Settings:
             raise ValueError("DIGLETT_SPEECH_MIN_FRAC must lie in [0, 1]")
         if self.log_format not in ("json", "text"):
             raise ValueError("DIGLETT_LOG_FORMAT must be json or text")
+        if min(self.client_max_sessions, self.client_new_burst) < 0:
+            raise ValueError("DIGLETT_CLIENT_MAX_SESSIONS/_NEW_BURST must be 0 or more")
+        if self.client_new_per_s < 0:
+            raise ValueError("DIGLETT_CLIENT_NEW_PER_S must be 0 or more")
+        if self.noop_window_s < 0:
+            raise ValueError("DIGLETT_NOOP_WINDOW_S must be 0 or more")
+        if self.forwarded_hops < 0:
+            raise ValueError("DIGLETT_FORWARDED_HOPS must be 0 or more")
         if self.allow_open not in (0, 1):
             raise ValueError("DIGLETT_ALLOW_OPEN must be 0 or 1")
 
@@ -246,6 +268,12 @@ class Settings:
                 "DIGLETT_BATCH_SHAPES must be positive integers, comma-separated"
             )
         return tuple(sorted(shapes))
+
+    @property
+    def api_tokens(self) -> tuple[str, ...]:
+        """The accepted API tokens: `api_token`, comma-separated (a token
+        holds no comma: it must fit in a WebSocket subprotocol)."""
+        return tuple(t.strip() for t in self.api_token.split(",") if t.strip())
 
     @property
     def origins(self) -> frozenset[str]:

@@ -105,7 +105,8 @@ class EmbeddingDeployment:
         t0 = time.monotonic()
         if settings.embedder == "noop":
             logger.warning("BENCHMARK-ONLY no-op embedder: labels are meaningless")
-            self.embedder, self.model_dir = NoopEmbedder(), ""
+            self.embedder = NoopEmbedder(settings.noop_window_s)
+            self.model_dir = ""
         elif settings.embedder == "ecapa-random":
             logger.warning("BENCHMARK-ONLY random-weight ECAPA: labels are meaningless")
             device = pick_device(settings.device)

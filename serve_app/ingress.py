@@ -12,7 +12,6 @@ serve_app/recovery.py.
 # endpoint annotations at run time inside the replica.
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
@@ -34,7 +33,18 @@ from actors.session_actor import (
     actor_name,
 )
 from diglett import __version__, levels, logging_setup
-from diglett.access import accepted_subprotocol, given_resume_token, given_token
+from diglett.access import (
+    accepted_subprotocol,
+    given_resume_token,
+    given_token,
+    matching_token,
+)
+from diglett.client_limits import (
+    ClientLimits,
+    client_address,
+    client_keys,
+    forwarded_for,
+)
 from diglett.audio import AudioError, decode_wav
 from diglett.embedder import EMBEDDING_DIM
 from diglett.priority import lower_cpu_priority
@@ -45,7 +55,7 @@ from serve_app.demo import router as demo_router
 from serve_app.placement import session_actor_options
 from serve_app.pool import SessionPool
 from serve_app.pump import _fatal, pump
-from serve_app.serve_env import request_route
+from serve_app.serve_env import ROUTE_PROXY, request_route
 
 logger = logging.getLogger("ray.serve")
 
@@ -138,6 +148,10 @@ class Ingress:
         self.pool = SessionPool(self.settings, self._spawn)
         # Sessions that dropped here, resumable until then (monotonic time).
         self._detached: dict[str, float] = {}
+        s = self.settings
+        self.clients = ClientLimits(
+            s.client_max_sessions, s.client_new_per_s, s.client_new_burst
+        )
         try:
             self.pool.fill()
         except RuntimeError:  # no event loop here: the first session fills it
@@ -230,20 +244,36 @@ class Ingress:
         if not self._origin_allowed(ws):
             await _fatal(ws, "unauthorized", "this Origin is not allowed")
             return
-        if self._sessions_held(ws.query_params.get("session")) >= (
-            self.settings.max_sessions
-        ):
+        resuming = ws.query_params.get("session")
+        if self._sessions_held(resuming) >= self.settings.max_sessions:
             await _fatal(ws, "overloaded", "too many sessions; try again later")
+            return
+        keys = self._client_keys(ws)
+        # A resume is never refused by the per-client rules: its session
+        # is counted already, and refusing it would lose the enrollments.
+        refused = None if resuming else self.clients.refuse_new(keys, time.monotonic())
+        if refused:
+            await _fatal(ws, "overloaded", refused)
             return
         self.active += 1
         metrics.set_active(self.active)
+        opened = None
         try:
             opened = await self._open_session(ws)
             if opened is not None:
+                self.clients.opened(opened[2], keys)
                 await self._pump(ws, *opened)
+            elif resuming:  # no such session: it costs what a new one would
+                self.clients.charge(keys, time.monotonic())
         finally:
             self.active -= 1
             metrics.set_active(self.active)
+            if opened is not None:
+                until = self._detached.get(opened[2])
+                if until is None:
+                    self.clients.ended(opened[2])
+                else:
+                    self.clients.dropped(opened[2], until)
 
     def _sessions_held(self, resuming: str | None) -> int:
         """Open connections plus sessions that dropped and may still resume
@@ -255,13 +285,27 @@ class Ingress:
         return self.active + sum(1 for s in self._detached if s != resuming)
 
     def _authorized(self, conn: Request | WebSocket) -> bool:
-        """The API token, if one is set, from the request (see
+        """One of the API tokens, if any is set, from the request (see
         `given_token`), compared in constant time."""
-        expected = self.settings.api_token
-        if not expected:
+        tokens = self.settings.api_tokens
+        if not tokens:
             return True
         given = given_token(conn.headers, conn.query_params)
-        return hmac.compare_digest(given.encode(), expected.encode())
+        return matching_token(given, tokens) is not None
+
+    def _client_keys(self, ws: WebSocket) -> list[str]:
+        """Who an authorized client is, for the per-client limits
+        (diglett/client_limits.py)."""
+        server = ws.scope.get("server") or (None, None)
+        peer = (ws.scope.get("client") or (None, None))[0]
+        address = client_address(
+            request_route(server[1]) == ROUTE_PROXY,
+            peer,
+            forwarded_for(ws.scope.get("headers") or []),
+            self.settings.forwarded_hops,
+        )
+        token = given_token(ws.headers, ws.query_params)
+        return client_keys(token, len(self.settings.api_tokens), address)
 
     def _origin_allowed(self, ws: WebSocket) -> bool:
         """Browsers send Origin; non-browser clients may omit it."""

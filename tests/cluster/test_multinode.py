@@ -12,7 +12,8 @@ its own process group) form one cluster:
 The app is deployed by a separate driver process, as `serve deploy` would.
 The tests check placement through Ray's state API, then kill the sessions
 node (SIGKILL to its process group: a crashed machine) in mid-stream and
-check what the client sees, then scrape every node's Prometheus endpoint.
+check what the client sees, then scrape every node's Prometheus endpoint,
+then watch the embedding tier scale on its models' busy share.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ def cluster():
         base = f"http://127.0.0.1:{http}"
         wait_for("/healthz", lambda: http_json(base + "/healthz")[0] == 200, 120)
         yield {
+            "gcs": f"127.0.0.1:{gcs}",
+            "env": env,
             "dash": dash_url,
             "http": base,
             "ws": f"ws://127.0.0.1:{http}/v1/stream",
@@ -462,3 +465,110 @@ def test_metrics_scraped(cluster):
     errors = {k: v for k, v in samples.items() if "errors_total" in k}
     assert any('code="internal"' in k for k in errors), errors
     assert any('code="session_expired"' in k for k in errors), errors
+
+
+SCALE_DRIVER = """
+import asyncio, json, sys, time
+import numpy as np
+import ray
+from ray import serve
+from serve_app.embedding import EmbeddingDeployment
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+autoscaling, window_s, up_s, down_s = json.loads(sys.argv[2])
+env = {"DIGLETT_EMBEDDER": "noop", "DIGLETT_NOOP_WINDOW_S": str(window_s)}
+dep = EmbeddingDeployment.options(
+    autoscaling_config=autoscaling,
+    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
+)
+handle = serve.run(dep.bind(), name="scale", route_prefix=None)
+t0 = time.monotonic()
+seen = []  # (s since start, replicas RUNNING, STARTING, STOPPING, load on)
+
+def look(load):
+    d = serve.status().applications["scale"].deployments["EmbeddingDeployment"]
+    n = {k: d.replica_states.get(k, 0) for k in ("RUNNING", "STARTING", "STOPPING")}
+    seen.append((round(time.monotonic() - t0, 1), *n.values(), load))
+    return n
+
+async def caller(stop):
+    windows = [np.zeros(8000, dtype=np.int16)] * 8
+    while not stop.is_set():
+        await handle.embed.remote(windows)
+
+async def main():
+    stop = asyncio.Event()
+    # Four callers, one request each in flight: 4 ongoing requests, half of
+    # what Serve's default policy (target_ongoing_requests 8) keeps on one
+    # replica; yet they keep its model busy. Only the busy share asks for
+    # a second replica (with the default policy the test fails).
+    callers = [asyncio.create_task(caller(stop)) for _ in range(4)]
+    deadline = time.monotonic() + up_s
+    while look(True)["RUNNING"] < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    for _ in range(5):  # a few seconds at two replicas, still loaded
+        look(True)
+        await asyncio.sleep(1)
+    stop.set()
+    await asyncio.gather(*callers)
+    deadline = time.monotonic() + down_s
+    while sum(look(False).values()) > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+
+asyncio.run(main())
+serve.delete("scale")
+print("SEEN " + json.dumps(seen), flush=True)
+"""
+
+
+def test_embedding_tier_scales_on_busy_share(cluster):
+    """Load rises, a second embedding replica starts, load falls, it goes.
+
+    The autoscaling block is `cluster/serve.yaml`'s (its policy and target),
+    with replicas 1-2 and short delays and metric periods so that it shows
+    in a minute or two. The model is the no-op one, asleep 20 ms a window:
+    its busy share is real (time in the model thread) but costs no CPU.
+    """
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    [dep] = [
+        d
+        for app in config["applications"]
+        for d in app["deployments"]
+        if d["name"] == "EmbeddingDeployment"
+    ]
+    autoscaling = {
+        **dep["autoscaling_config"],
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "upscale_delay_s": 3,
+        "downscale_delay_s": 10,
+        "metrics_interval_s": 1,
+        "look_back_period_s": 5,
+    }
+    assert autoscaling["policy"]["policy_function"].endswith(":embed_policy")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCALE_DRIVER,
+            cluster["gcs"],
+            json.dumps([autoscaling, 0.02, 150, 150]),
+        ],
+        env=cluster["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("SEEN ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    seen = json.loads(lines[-1][5:])
+    print("\n(s, running, starting, stopping, load):")
+    print("\n".join(str(tuple(row)) for row in seen))
+    loaded = [row for row in seen if row[4]]
+    after = [row for row in seen if not row[4]]
+    assert loaded[0][1] == 1, "started with more than one replica"
+    assert max(row[1] for row in loaded) == 2, "no second replica under load"
+    assert after and after[-1][1:4] == [1, 0, 0], "not back to one replica"

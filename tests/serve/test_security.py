@@ -184,3 +184,147 @@ def test_haproxys_admin_socket_is_closed_to_other_users(server):
     assert any(p.name == configured.name for p in socks), socks
     st = folder.lstat()
     assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+
+
+# ------------------------------------------------------- per-client limits
+# Two more copies of the app (stub embedding tier), each with small limits:
+# one behind a pretend load balancer that appends X-Forwarded-For (one
+# trusted hop), one with two API tokens and no trusted hop.
+OTHER_TOKEN = "other-token-9876543210"
+LIMITS = {
+    "DIGLETT_CLIENT_MAX_SESSIONS": "2",
+    "DIGLETT_CLIENT_NEW_PER_S": "0.001",  # no refill within a test
+    "DIGLETT_CLIENT_NEW_BURST": "3",
+    "DIGLETT_SESSION_TTL_S": "60",
+}
+
+
+@pytest.fixture(scope="module")
+def by_address(server):
+    name = f"lima{os.getpid()}"
+    prefix = deploy_app(
+        name, {**LIMITS, "DIGLETT_FORWARDED_HOPS": "1"}, embedding=StubEmbedding
+    )
+    yield server["ws"].rsplit("/v1/stream", 1)[0] + prefix + "/v1/stream"
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def by_token(server):
+    name = f"limt{os.getpid()}"
+    env = {**LIMITS, "DIGLETT_API_TOKEN": f"{API_TOKEN},{OTHER_TOKEN}"}
+    env.update(DIGLETT_CLIENT_NEW_PER_S="5", DIGLETT_CLIENT_NEW_BURST="50")
+    prefix = deploy_app(name, env, embedding=StubEmbedding)
+    yield server["ws"].rsplit("/v1/stream", 1)[0] + prefix + "/v1/stream"
+    serve.delete(name)
+
+
+def as_client(address: str | None = None, token: str = API_TOKEN) -> dict:
+    """Headers of a client with `token`, as the load balancer forwards it
+    from `address` (the client's own claim first, which must not count)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if address:
+        headers["X-Forwarded-For"] = f"198.51.100.66, {address}"
+    return headers
+
+
+def refused(url: str, headers: dict) -> tuple[str, str, int | None]:
+    with connect(url, additional_headers=headers) as ws:
+        msgs, code = drain(ws)
+    assert len(msgs) == 1, msgs
+    return msgs[0]["code"], msgs[0]["message"], code
+
+
+def ready(ws) -> dict:
+    msg = json.loads(ws.recv(timeout=30))
+    assert msg["type"] == "ready", msg
+    return msg
+
+
+def end(ws) -> None:
+    ws.send(json.dumps({"type": "end"}))
+    _, code = drain(ws)
+    assert code == 1000
+
+
+def test_sessions_per_address(by_address):
+    a = as_client("203.0.113.7")
+    with (
+        connect(by_address, additional_headers=a) as w1,
+        connect(by_address, additional_headers=a) as w2,
+    ):
+        ready(w1), ready(w2)
+        code, message, close = refused(by_address, a)
+        assert (code, close) == ("overloaded", 1013)
+        assert "address 203.0.113.7" in message and "limit is 2" in message
+        # Another address, and the same one with another claim in front.
+        with connect(by_address, additional_headers=as_client("203.0.113.8")) as w:
+            ready(w)
+            end(w)
+        end(w1), end(w2)
+    with connect(by_address, additional_headers=a) as w:  # freed by `end`
+        ready(w)
+        end(w)
+
+
+def test_new_sessions_per_second_per_address(by_address):
+    c = as_client("203.0.113.9")
+    for _ in range(3):  # the burst
+        with connect(by_address, additional_headers=c) as ws:
+            ready(ws)
+            end(ws)
+    code, message, close = refused(by_address, c)
+    assert (code, close) == ("overloaded", 1013)
+    assert "address 203.0.113.9" in message and "faster than 0.001/s" in message
+    with connect(by_address, additional_headers=as_client("203.0.113.10")) as ws:
+        ready(ws)
+        end(ws)
+
+
+def test_a_resume_is_not_refused_by_the_connection_rate(by_address):
+    e = as_client("203.0.113.11")
+    with connect(by_address, additional_headers=e) as ws:
+        first = ready(ws)  # then dropped without `end`: resumable
+    for _ in range(2):
+        with connect(by_address, additional_headers=e) as ws:
+            ready(ws)
+            end(ws)
+    assert "faster than" in refused(by_address, e)[1]
+    q = f"?session={first['session_id']}&resume_token={first['resume_token']}"
+    with connect(by_address + q, additional_headers=e) as ws:
+        assert ready(ws)["session_id"] == first["session_id"]
+        end(ws)
+
+
+def test_sessions_per_token_when_there_are_several(by_token):
+    one, other = as_client(token=API_TOKEN), as_client(token=OTHER_TOKEN)
+    with (
+        connect(by_token, additional_headers=one) as w1,
+        connect(by_token, additional_headers=one) as w2,
+    ):
+        ready(w1), ready(w2)
+        code, message, close = refused(by_token, one)
+        assert (code, close) == ("overloaded", 1013)
+        assert "its API token" in message and API_TOKEN not in message
+        with connect(by_token, additional_headers=other) as w:
+            ready(w)
+            end(w)
+        end(w1), end(w2)
+
+
+def test_a_forwarded_for_is_not_believed_without_a_trusted_hop(by_token):
+    """No trusted hop: a claimed X-Forwarded-For names no one, so claiming
+    another client's address cannot use up its limit (through HAProxy from
+    127.0.0.1, uvicorn puts the claim in the ASGI scope's client)."""
+    claim = {"X-Forwarded-For": "203.0.113.7"}
+    tokens = [API_TOKEN, OTHER_TOKEN, API_TOKEN, OTHER_TOKEN]
+    sockets = [
+        connect(by_token, additional_headers={**as_client(token=t), **claim})
+        for t in tokens
+    ]
+    try:
+        for ws in sockets:
+            ready(ws)
+    finally:
+        for ws in sockets:
+            end(ws)

@@ -53,3 +53,19 @@ def test_the_cluster_configs_scale_the_embedding_tier_on_it():
         ]
         policy = dep["autoscaling_config"]["policy"]["policy_function"]
         assert policy == "serve_app.autoscaling:embed_policy", name
+
+
+def test_the_noop_model_can_take_a_fixed_time_per_window(monkeypatch):
+    """DIGLETT_NOOP_WINDOW_S: the multi-node autoscaling test's busy model."""
+    import numpy as np
+
+    import diglett.embedder as embedder
+    from diglett.settings import Settings
+
+    slept = []
+    monkeypatch.setattr(embedder.time, "sleep", slept.append)
+    x = np.zeros(8000, dtype=np.int16)
+    assert len(embedder.NoopEmbedder().embed([x, x])) == 2 and slept == []
+    window_s = Settings.from_env({"DIGLETT_NOOP_WINDOW_S": "0.02"}).noop_window_s
+    assert len(embedder.NoopEmbedder(window_s).embed([x, x, x])) == 3
+    assert slept == [0.06]
