@@ -97,6 +97,7 @@ ABLATIONS = (
     ("without adapting references", _no_adapt, {}),
     ("adapting on clearer wins only (0.15 / 0.3)", _strict_adapt, {}),
     ("level gate instead of Silero VAD", lambda: (lambda: None), {"vad": "energy"}),
+    ("without the background rule", lambda: (lambda: None), {"background_prob": 0.0}),
 )
 
 
