@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
 from collections import defaultdict
@@ -96,6 +97,7 @@ ABLATIONS = (
     ("without adapting references", _no_adapt, {}),
     ("adapting on clearer wins only (0.15 / 0.3)", _strict_adapt, {}),
     ("level gate instead of Silero VAD", lambda: (lambda: None), {"vad": "energy"}),
+    ("without the background rule", lambda: (lambda: None), {"background_prob": 0.0}),
 )
 
 
@@ -162,6 +164,31 @@ def score_conv(d: devset.DevConversation, labels) -> ConvScore:
     return ConvScore(mt.score_table(ft), by)
 
 
+_WORK: dict = {}  # what forked workers replay (set before the pool forks)
+
+
+def _score_one(i: int) -> tuple[ConvScore, dict[str, np.ndarray]]:
+    devs, preps, settings, cache = _WORK["args"]
+    cache.added = []
+    sc = score_conv(devs[i], replay(preps[i], settings, cache))
+    return sc, {k: cache.cache[k] for k in cache.added}
+
+
+def score_all(devs, preps, settings: Settings, cache: EmbedCache, jobs: int = 1):
+    """Every conversation replayed and scored, in `jobs` forked processes
+    (a fork per call, so module patches of an ablation reach the workers);
+    the embeddings they computed join `cache`."""
+    if jobs <= 1:
+        return [score_conv(d, replay(p, settings, cache)) for d, p in zip(devs, preps)]
+    _WORK["args"] = (devs, preps, settings, cache)
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        out = pool.map(_score_one, range(len(devs)), chunksize=1)
+    for _, new in out:
+        cache.cache.update(new)
+        cache.new += len(new)
+    return [sc for sc, _ in out]
+
+
 def pooled(scores: list[ConvScore]) -> mt.Score:
     return mt.total(s.total for s in scores)
 
@@ -202,7 +229,7 @@ def run(args) -> dict:
     per_setting: list[list[ConvScore]] = []
     for gi, g in enumerate(grid):
         s = dataclasses.replace(env, **g)
-        scores = [score_conv(d, replay(p, s, cache)) for d, p in zip(devs, preps)]
+        scores = score_all(devs, preps, s, cache, args.jobs)
         cache.save()
         per_setting.append(scores)
         print(f"[{gi + 1}/{len(grid)}] {g}: {pooled(scores).accuracy:.4f}", flush=True)
@@ -255,9 +282,7 @@ def run(args) -> dict:
             undo = patch()
             try:
                 s_ab = dataclasses.replace(chosen, **change)
-                sc = [
-                    score_conv(d, replay(p, s_ab, cache)) for d, p in zip(devs, preps)
-                ]
+                sc = score_all(devs, preps, s_ab, cache, args.jobs)
             finally:
                 undo()
             cache.save()
@@ -268,7 +293,7 @@ def run(args) -> dict:
             print(f"ablation {name}: {res['ablations'][name]}", flush=True)
     if not args.skip_extras:
         la = dataclasses.replace(chosen, lookahead_hops=1)
-        la_sc = [score_conv(d, replay(p, la, cache)) for d, p in zip(devs, preps)]
+        la_sc = score_all(devs, preps, la, cache, args.jobs)
         seed_sc = [score_conv(d, seed_labels(p, cache)) for d, p in zip(devs, preps)]
         cache.save()
         for name, sc in (("lookahead", la_sc), ("seed", seed_sc)):
@@ -367,6 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--defaults-only", action="store_true", help="no grid: DIGLETT_* as set"
     )
+    ap.add_argument("--jobs", type=int, default=1, help="replay in N processes")
     ap.add_argument("--skip-extras", action="store_true", help="no look-ahead, no seed")
     ap.add_argument("--ablations", action="store_true", help="each step taken away")
     ap.add_argument(

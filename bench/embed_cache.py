@@ -43,6 +43,7 @@ class EmbedCache:
             z = np.load(self.path)
             self.cache = {k: z[k] for k in z.files}
         self.new = 0
+        self.added: list[str] = []  # keys computed here (a worker hands them back)
 
     def model(self):
         if self._model is None:
@@ -62,6 +63,7 @@ class EmbedCache:
             embs = self.model().embed(list(todo.values()))
             self.cache.update(zip(todo, (np.asarray(e, np.float32) for e in embs)))
             self.new += len(todo)
+            self.added.extend(todo)
         if not keys:
             return np.zeros((0, 192), np.float32)
         return np.stack([self.cache[k] for k in keys])

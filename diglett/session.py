@@ -18,7 +18,8 @@ import numpy as np
 from diglett import levels, speech
 from diglett.audio import AudioError, InputFormat, StreamResampler, check_format
 from diglett.audio import decode_frame
-from diglett.decision import SILENCE, Adaptation, TalkStats, confident, cosine_scores
+from diglett.decision import NOISE, SILENCE, Adaptation, TalkStats, confident
+from diglett.decision import cosine_scores
 from diglett.decision import decide, enrollment_reference, normalize
 from diglett.decision import speaker_threshold
 from diglett.holdback import HoldRule
@@ -67,6 +68,9 @@ class HopJob:
     window: np.ndarray | None
     recv_t: float
     speech: bool = True
+    # The detector's mean speech probability over the hop's speech frames
+    # (speech.SpeechDetector.speech_confidence); None: not known.
+    confidence: float | None = None
 
     @property
     def audio(self) -> np.ndarray | None:
@@ -166,6 +170,19 @@ Action = Union[dict, Close, HopJob, EnrollWindowJob, EnrollJob, FlushHeld, Summa
 def is_speech(fraction: float, min_frac: float) -> bool:
     """A hop (or window) with this share of speech counts as speech."""
     return fraction > 0 and fraction >= min_frac
+
+
+def is_background(confidence: float | None, settings: Settings) -> bool:
+    """Whether speech that matches no enrolled speaker is background.
+
+    Babble, a television or voices across the room reach the detector as
+    speech it is unsure of (its probabilities hover between the bar and
+    certainty), where a talker of the conversation, enrolled or not, is
+    near-certain speech. Such a hop is nobody of the conversation talking:
+    `silence`, not `noise` (docs/accuracy.md measures it). Off with
+    `background_prob` 0 or a detector without probabilities.
+    """
+    return confidence is not None and confidence < settings.background_prob
 
 
 def _power_mean_db(db: np.ndarray) -> float:
@@ -405,6 +422,8 @@ class SessionEngine:
             label = decide(scores, bars)
             if confident(scores, bars, label):
                 self.adapted[label].add(embedding)
+            elif label == NOISE and is_background(job.confidence, self.s):
+                label = SILENCE
             msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
         msg["label"] = label
         msg["level_dbfs"] = round(job.level_dbfs, 1)
@@ -574,6 +593,7 @@ class SessionEngine:
                     window=self._speech_part(hop) if needed else None,
                     recv_t=t,
                     speech=is_sp,
+                    confidence=det.speech_confidence(hop.start, hop.end),
                 )
             )
         return jobs

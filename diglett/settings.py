@@ -51,6 +51,10 @@ class Settings:
     # speech when at least speech_min_frac of it is (docs/accuracy.md).
     vad: str = "silero"
     gate_dbfs: float = -55.0
+    # A hop whose speech matches no enrolled speaker and whose speech frames
+    # average under this Silero probability is background (babble, a TV):
+    # `silence`, not `noise` (session.is_background). 0: off.
+    background_prob: float = 0.7
     speech_min_frac: float = 0.3
     window_s: float = 1.5
     hop_s: float = 0.5
@@ -225,6 +229,8 @@ class Settings:
             raise ValueError("DIGLETT_SESSION_RECYCLE must be 0 or 1")
         if self.vad not in ("silero", "energy"):
             raise ValueError("DIGLETT_VAD must be silero or energy")
+        if not 0.0 <= self.background_prob <= 1.0:
+            raise ValueError("DIGLETT_BACKGROUND_PROB must lie in [0, 1]")
         if not 0.0 <= self.speech_min_frac <= 1.0:
             raise ValueError("DIGLETT_SPEECH_MIN_FRAC must lie in [0, 1]")
         if self.log_format not in ("json", "text"):

@@ -51,6 +51,12 @@ class SpeechDetector:
         """(first frame's start sample, flags (k,) bool) of [start, start+n)."""
         raise NotImplementedError
 
+    def speech_confidence(self, start: int, end: int) -> float | None:
+        """How sure the detector is of the speech in samples [start, end):
+        the mean speech probability of its speech frames there (0.0 with
+        none); None for a detector without probabilities."""
+        return None
+
 
 class EnergyDetector(SpeechDetector):
     """The level gate: a 20 ms frame is speech at or above `gate_dbfs`.
@@ -85,13 +91,21 @@ class SileroDetector(SpeechDetector):
         self._pending = []
         self._vad.reset()
 
-    def frame_flags(self, start: int, audio: np.ndarray) -> tuple[int, np.ndarray]:
+    def _score_pending(self) -> None:
         if self._pending:
             self._vad.push(np.concatenate(self._pending))
             self._pending = []
+
+    def frame_flags(self, start: int, audio: np.ndarray) -> tuple[int, np.ndarray]:
+        self._score_pending()
         end = start + audio.size
         f0, _ = self._vad.frame_range(start, end)
         return f0 * self.frame_samples, self._vad.frame_flags(start, end)
+
+    def speech_confidence(self, start: int, end: int) -> float | None:
+        self._score_pending()
+        probs = self._vad.frame_probs(start, end)
+        return mean_speech_prob(probs, self._vad.threshold)
 
 
 def window_lengths(window: int, sample_rate: int = 16000) -> list[int]:
@@ -133,6 +147,13 @@ def speech_fraction(
     covered = np.maximum(b[:, 1] - b[:, 0], 0)
     total = int(covered.sum())
     return float(covered[flags].sum()) / total if total else 0.0
+
+
+def mean_speech_prob(probs: np.ndarray, threshold: float) -> float:
+    """Mean of the speech probabilities `probs` (k,) at or over `threshold`
+    (the speech frames'); 0.0 when none is."""
+    sp = probs[probs >= threshold]
+    return float(sp.mean()) if sp.size else 0.0
 
 
 def speech_seconds(frame: int, flags: np.ndarray, sample_rate: int = 16000) -> float:

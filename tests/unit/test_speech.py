@@ -13,7 +13,7 @@ from conftest import SHARED, load16, needs_speakers, utterances
 from diglett import speech
 from diglett.decision import ADAPT_MAX_WEIGHT, Adaptation, confident, normalize
 from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob, SessionEngine
-from diglett.session import clip_flags, enrollment_warnings
+from diglett.session import clip_flags, enrollment_warnings, is_background
 from diglett.settings import Settings
 
 SR = 16000
@@ -227,3 +227,48 @@ def test_a_restored_session_scores_and_adapts_every_speaker():
     for m in labels:
         assert m["label"] == "alice" and set(m["scores"]) == {"alice", "bob"}
     assert eng.adapted["alice"].count == 2 and eng.adapted["bob"].count == 0
+
+
+def test_mean_speech_prob_is_over_the_speech_frames_only():
+    probs = np.array([0.1, 0.6, 0.8, 0.3], np.float32)
+    assert speech.mean_speech_prob(probs, 0.5) == pytest.approx(0.7)
+    assert speech.mean_speech_prob(probs[[0, 3]], 0.5) == 0.0
+
+
+def test_uncertain_speech_is_background_only_while_the_rule_is_on():
+    assert is_background(0.6, Settings(background_prob=0.7))
+    assert not is_background(0.75, Settings(background_prob=0.7))
+    assert not is_background(0.6, Settings(background_prob=0.0))
+    assert not is_background(None, Settings(background_prob=0.7))  # level gate
+
+
+@needs_speakers
+def test_faint_babble_matching_nobody_is_silence_a_clear_intruder_noise(voices):
+    """Six talkers at once, faint over a floor, are speech the detector is
+    unsure of: `silence` by the background rule (`noise` without it); one
+    clear talker that matches nobody stays `noise`."""
+    names = sorted(voices)
+    alice, others = names[0], names[1:]
+    n = 4 * SR
+    babble = sum(at_level(voices[k][:n], -50.0) for k in others) + white(4.0, -66.0)
+    intruder = at_level(voices[others[0]][:n], -30.0)
+    stream = np.concatenate([babble, white(1.0, -66.0), intruder])
+    enroll = {"alice": at_level(voices[alice], -25.0)}
+
+    def embed(job):  # alice's enrollment; every stream window is somebody else
+        return np.array([0.0, 1.0, 0.0] if isinstance(job, HopJob) else [1, 0, 0], "f")
+
+    def speech_labels(settings, lo_s, hi_s):
+        labels, _, _ = run_engine(settings, enroll, stream, embed)
+        return [
+            m["label"]
+            for m in labels
+            if "scores" in m and lo_s <= m["start_s"] and m["end_s"] <= hi_s
+        ]
+
+    on, off = Settings(background_prob=0.7), Settings(background_prob=0.0)
+    bab_on, bab_off = speech_labels(on, 0.0, 4.0), speech_labels(off, 0.0, 4.0)
+    assert len(bab_off) >= 3 and set(bab_off) == {"noise"}
+    assert bab_on.count("silence") > len(bab_on) / 2
+    talker = speech_labels(on, 5.5, 9.0)
+    assert len(talker) >= 5 and set(talker) == {"noise"}
