@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import os
+import sys
 import time
 
 import ray
@@ -31,6 +33,7 @@ from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, EnrollWindowJob, SessionEngine
 from diglett.settings import Settings
+from serve_app import metrics
 
 logger = logging.getLogger("diglett.session")
 
@@ -77,6 +80,22 @@ def token_digest(resume_token: str) -> str:
     return hashlib.sha256(resume_token.encode()).hexdigest()
 
 
+def report_fork_fallback(settings: Settings, environ) -> str:
+    """With DIGLETT_SESSION_FORK on: why this worker was not forked ("" if
+    it was), logged as a warning and counted (`diglett_fallbacks_total`,
+    mechanism=session_fork), so a fork server that stops forking, e.g.
+    after a Ray upgrade, shows in the log and the metrics."""
+    if not settings.session_fork or sys.platform != "linux":
+        return ""
+    from actors.fork_shim import fallback_reason
+
+    reason = fallback_reason(environ)
+    if reason:
+        logger.warning("SessionActor not forked (Ray's own worker): %s", reason)
+        metrics.fallback("session_fork")
+    return reason
+
+
 def session_actor_args(
     settings: Settings, embedding: tuple[str, str], session_id: str, resume_token: str
 ) -> tuple:
@@ -110,6 +129,7 @@ class SessionActor:
         self.settings = settings
         lower_cpu_priority(settings.serving_nice)
         logging_setup.configure(session_id=session_id, fmt=settings.log_format)
+        self.fork_fallback = report_fork_fallback(settings, os.environ)
         self.engine = SessionEngine(settings)
         self.embedding = embedding
         self._batcher = None  # this node's EmbedBatcher, found on first use
@@ -297,6 +317,7 @@ class SessionActor:
 
         return {
             "pid": os.getpid(),
+            "fork_fallback": self.fork_fallback,
             "torch_loaded": "torch" in sys.modules,
             "niceness": thread_niceness(),
             "node_id": ray.get_runtime_context().get_node_id(),
