@@ -41,8 +41,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RAY_SERVE_LOG_TO_STDERR=1 \
     RAY_SERVE_USE_GRPC_BY_DEFAULT=0 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5 \
-    RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=86400 \
-    RAY_SERVE_PORT_QUARANTINE_S=150
+    RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=86400
 # The RAY_SERVE_ variables: serve_app/serve_env.py, for `ray start` in this
 # image on cluster nodes (`diglett serve` sets them itself). DIGLETT_HOST is
 # left unset: `diglett serve` listens on 0.0.0.0 once DIGLETT_API_TOKEN is
