@@ -24,6 +24,7 @@ from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.settings import Settings
 from diglett.speech import window_lengths
 from serve_app import metrics
+from serve_app.autoscaling import EMBED_AUTOSCALING
 from serve_app.placement import model_worker_options
 
 logger = logging.getLogger("ray.serve")
@@ -97,21 +98,11 @@ def use_compiled_int8(
     return reason
 
 
-AUTOSCALING = {
-    "min_replicas": 1,
-    "max_replicas": 4,
-    # Each node's EmbedBatcher keeps at most 16 requests out (merging the
-    # rest), so a replica sees ~1-2 ongoing while it keeps up and 16 per
-    # node once it falls behind: 8 scales on the latter (64 never did).
-    "target_ongoing_requests": 8,
-}
-
-
 @serve.deployment(
     name="EmbeddingDeployment",
     # Caps how many requests can wait in a replica: must exceed the batch.
     max_ongoing_requests=256,
-    autoscaling_config=AUTOSCALING,
+    autoscaling_config=EMBED_AUTOSCALING,
     ray_actor_options=model_worker_options({"num_cpus": 1}),
 )
 class EmbeddingDeployment:
