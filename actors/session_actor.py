@@ -25,7 +25,7 @@ import time
 
 import ray
 
-from actors.embed_batcher import node_batcher
+from actors.embed_batcher import TASK_EVENTS, node_batcher
 from diglett import logging_setup
 from diglett.audio import to_int16
 from diglett.holdback import HoldRule
@@ -112,8 +112,9 @@ def session_actor_args(
 
 # No task events: Ray records one in the GCS for every call (several per
 # hop), which grew its memory by ~12 MiB a minute at 20 sessions and
-# never gave it back (docs/capacity.md, bench/soak.py). A public option.
-@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
+# never gave it back (docs/capacity.md, bench/soak.py). A public option;
+# bench/ray_calls.py turns them on to count calls (embed_batcher.TASK_EVENTS).
+@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=TASK_EVENTS)
 class SessionActor:
     """The state of one session; methods are called by the ingress only."""
 
