@@ -35,20 +35,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DIGLETT_PORT=8000 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    RAY_USAGE_STATS_ENABLED=0 \
-    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_USAGE_STATS_ENABLED=0
+# The RAY_SERVE_ variables: serve_app/serve_env.py (SERVE_ENV), for `ray
+# start` in this image on cluster nodes (`diglett serve` sets them itself).
+# >>> generated: serve-env (python -m serve_app.regenerate) >>>
+ENV RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_LOG_TO_STDERR=1 \
     RAY_SERVE_USE_GRPC_BY_DEFAULT=0 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5 \
-    RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=86400 \
-    RAY_SERVE_PORT_QUARANTINE_S=150
-# The RAY_SERVE_ variables: serve_app/serve_env.py, for `ray start` in this
-# image on cluster nodes (`diglett serve` sets them itself). DIGLETT_HOST is
-# left unset: `diglett serve` listens on 0.0.0.0 once DIGLETT_API_TOKEN is
-# set. The model (read-only, root's) and the cache (the runtime user's: the
-# compiled int8 model is built there) are separate folders; mount a volume
-# on /opt/diglett/cache to keep the compiled model across containers.
+    RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=86400
+# <<< generated: serve-env <<<
+# DIGLETT_HOST is left unset: `diglett serve` listens on 0.0.0.0 once
+# DIGLETT_API_TOKEN is set. The model (read-only, root's) and the cache (the
+# runtime user's: the compiled int8 model is built there) are separate
+# folders; mount a volume on /opt/diglett/cache to keep the compiled model
+# across containers.
 
 # python3-dev and g++ build the compiled int8 model for the CPU a container
 # runs on, once, in the background (diglett/compiled_int8.py; without them:

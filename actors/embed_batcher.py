@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import ray
@@ -42,7 +43,13 @@ def batcher_name(app_name: str, node_id: str) -> str:
 # No task events: Ray records one in the GCS for every call (several per
 # hop), which grew its memory by ~12 MiB a minute at 20 sessions and
 # never gave it back (docs/capacity.md, bench/soak.py). A public option.
-@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
+# bench/ray_calls.py turns them on (TASK_EVENTS_ENV=1, read when this module
+# is imported) to count the calls per hop; not a setting.
+TASK_EVENTS_ENV = "DIGLETT_RAY_TASK_EVENTS"
+TASK_EVENTS = os.environ.get(TASK_EVENTS_ENV) == "1"
+
+
+@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=TASK_EVENTS)
 class EmbedBatcher:
     """Forwards the windows of many callers to the embedding tier, merged."""
 

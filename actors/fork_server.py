@@ -41,8 +41,10 @@ import traceback
 
 from actors.fork_shim import (
     FAILED_SUFFIX,
+    MAX_REASON,
     MAX_REQUEST,
     SERVER_SUFFIX,
+    SHIM_PID_ENV,
     _INT,
     _LEN,
     alive,
@@ -52,7 +54,6 @@ from actors.fork_shim import (
 )
 
 REQUEST_TIMEOUT_S = 5.0
-SHIM_PID_ENV = "DIGLETT_FORK_SHIM_PID"  # in each worker: the process Ray started
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid of a Unix socket's peer
 # Set per job by the raylet, and read after the fork: it may differ.
 PER_WORKER_ENV = frozenset({"RAY_JOB_ID"})
@@ -91,6 +92,7 @@ PRELOAD = (
     "diglett.protocol",
     "diglett.session",
     "diglett.settings",
+    "serve_app.metrics",
 )
 
 
@@ -201,8 +203,12 @@ class ForkServer:
             conn.close()
             return
         reason = self._refusal(argv, env)
-        if reason:  # no pid: the shim starts the worker itself
+        if reason:  # no pid: the shim starts the worker itself, and says why
             print(f"not forking: {reason}", file=sys.stderr, flush=True)
+            try:
+                conn.sendall(_INT.pack(-1) + reason.encode()[:MAX_REASON])
+            except OSError:
+                pass
             conn.close()
             for fd in fds:
                 os.close(fd)

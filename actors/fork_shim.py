@@ -28,7 +28,8 @@ Wire format, over a Unix socket in Ray's session directory:
            (magic, cwd, argv count, argv..., env "KEY=VALUE"...), with the
            shim's fds 0, 1 and 2 attached (SCM_RIGHTS);
   replies: the worker's pid (4-byte signed), later its exit code (same;
-           negative: killed by that signal).
+           negative: killed by that signal); or, for a request the server
+           refuses, -1 and then the reason (UTF-8) until it closes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ import sys
 import time
 
 MAGIC = b"diglett-fork-1"
+# In a forked worker: the pid of its shim (the process Ray started).
+SHIM_PID_ENV = "DIGLETT_FORK_SHIM_PID"
+# In a worker the shim had to start itself: why it was not forked, for the
+# SessionActor to log and count (`fallback_reason`).
+FALLBACK_ENV = "DIGLETT_FORK_FALLBACK"
+MAX_REASON = 1000  # bytes of a refusal's reason sent back to the shim
 SERVER_SUFFIX = ".diglett-fork"  # appended to the raylet's socket path
 FAILED_SUFFIX = ".failed"  # left by a server that found forking unsafe
 SERVER_START_TIMEOUT_S = 60.0  # importing Ray and numpy on a busy 2-core node
@@ -169,12 +176,28 @@ def _fork_worker(path: str, worker_argv: list[str]) -> tuple[socket.socket, int]
     reply = recv_exact(sock, _INT.size)
     if len(reply) < _INT.size:
         raise ConnectionError("the fork server refused the worker")
-    return sock, _INT.unpack(reply)[0]
+    pid = _INT.unpack(reply)[0]
+    if pid < 0:
+        reason = recv_exact(sock, MAX_REASON).decode("utf-8", "replace")
+        raise ConnectionError(f"the fork server refused the worker: {reason}")
+    return sock, pid
 
 
-def _exec_worker(worker_argv: list[str]) -> None:
-    """The ordinary worker, as Ray would have started it."""
+def _exec_worker(worker_argv: list[str], reason: str) -> None:
+    """The ordinary worker, as Ray would have started it, told `reason`
+    (why it was not forked) in its environment."""
+    os.environ[FALLBACK_ENV] = reason
     os.execv(sys.executable, [sys.executable, *worker_argv])
+
+
+def fallback_reason(environ) -> str:
+    """In a worker whose actor asked for the fork shim: why it was not
+    forked, or "" if it was. A worker with neither mark was not started
+    through the shim at all (a Ray release that no longer honours the
+    `py_executable` of a runtime_env would do that)."""
+    if SHIM_PID_ENV in environ:
+        return ""
+    return environ.get(FALLBACK_ENV) or "Ray did not start it through the fork shim"
 
 
 def _wait(sock: socket.socket, pid: int) -> int:
@@ -210,15 +233,17 @@ def send_signal(pid: int, signum: int) -> None:
 
 def main(worker_argv: list[str]) -> int:
     path = server_path(worker_argv)
-    if path is None or not hasattr(socket, "send_fds"):
-        _exec_worker(worker_argv)
+    if path is None:  # Ray changed its worker's command line
+        _exec_worker(worker_argv, "no --raylet-name= in the worker's command line")
+    if not hasattr(socket, "send_fds"):
+        _exec_worker(worker_argv, "no socket.send_fds on this platform")
     try:
         sock, pid = _fork_worker(path, worker_argv)
     except Exception as exc:  # no fork server: the ordinary worker
         print(
             f"diglett fork shim: {exc!r}; starting the worker itself", file=sys.stderr
         )
-        _exec_worker(worker_argv)
+        _exec_worker(worker_argv, str(exc) or repr(exc))
     return _wait(sock, pid)
 
 

@@ -19,11 +19,13 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import os
+import sys
 import time
 
 import ray
 
-from actors.embed_batcher import node_batcher
+from actors.embed_batcher import TASK_EVENTS, node_batcher
 from diglett import logging_setup
 from diglett.audio import to_int16
 from diglett.holdback import HoldRule
@@ -31,6 +33,7 @@ from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.protocol import CLOSE_CODES, error
 from diglett.session import Close, EnrollJob, EnrollWindowJob, SessionEngine
 from diglett.settings import Settings
+from serve_app import metrics
 
 logger = logging.getLogger("diglett.session")
 
@@ -77,6 +80,22 @@ def token_digest(resume_token: str) -> str:
     return hashlib.sha256(resume_token.encode()).hexdigest()
 
 
+def report_fork_fallback(settings: Settings, environ) -> str:
+    """With DIGLETT_SESSION_FORK on: why this worker was not forked ("" if
+    it was), logged as a warning and counted (`diglett_fallbacks_total`,
+    mechanism=session_fork), so a fork server that stops forking, e.g.
+    after a Ray upgrade, shows in the log and the metrics."""
+    if not settings.session_fork or sys.platform != "linux":
+        return ""
+    from actors.fork_shim import fallback_reason
+
+    reason = fallback_reason(environ)
+    if reason:
+        logger.warning("SessionActor not forked (Ray's own worker): %s", reason)
+        metrics.fallback("session_fork")
+    return reason
+
+
 def session_actor_args(
     settings: Settings, embedding: tuple[str, str], session_id: str, resume_token: str
 ) -> tuple:
@@ -93,8 +112,9 @@ def session_actor_args(
 
 # No task events: Ray records one in the GCS for every call (several per
 # hop), which grew its memory by ~12 MiB a minute at 20 sessions and
-# never gave it back (docs/capacity.md, bench/soak.py). A public option.
-@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=False)
+# never gave it back (docs/capacity.md, bench/soak.py). A public option;
+# bench/ray_calls.py turns them on to count calls (embed_batcher.TASK_EVENTS).
+@ray.remote(num_cpus=0, max_restarts=0, enable_task_events=TASK_EVENTS)
 class SessionActor:
     """The state of one session; methods are called by the ingress only."""
 
@@ -110,6 +130,7 @@ class SessionActor:
         self.settings = settings
         lower_cpu_priority(settings.serving_nice)
         logging_setup.configure(session_id=session_id, fmt=settings.log_format)
+        self.fork_fallback = report_fork_fallback(settings, os.environ)
         self.engine = SessionEngine(settings)
         self.embedding = embedding
         self._batcher = None  # this node's EmbedBatcher, found on first use
@@ -297,6 +318,7 @@ class SessionActor:
 
         return {
             "pid": os.getpid(),
+            "fork_fallback": self.fork_fallback,
             "torch_loaded": "torch" in sys.modules,
             "niceness": thread_niceness(),
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -10,14 +10,14 @@ model), and reports:
 - memory: the USS (private memory) of every SessionActor process after each
   session enrolled two speakers and streamed `--stream-s` seconds of real
   speech, next to a bare Ray actor's USS on the same machine. With the fork
-  server (`DIGLETT_SESSION_FORK=1`, the default) a session's private memory
+  server (`DIGLETT_SESSION_FORK=1`, opt-in) a session's private memory
   is its worker's USS plus its shim's (`session_uss_mean_mib`); the fork
   server itself is shared by all, and `pss_per_session_mib` counts it and
   every shared page, split among the processes that map it.
 
     python -m bench.sessions_start --sessions 100
     python -m bench.sessions_start --sessions 100 --pool 0   # no warm pool
-    DIGLETT_SESSION_FORK=0 python -m bench.sessions_start    # Ray's own workers
+    DIGLETT_SESSION_FORK=1 python -m bench.sessions_start    # forked workers
 """
 
 from __future__ import annotations

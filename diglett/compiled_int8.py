@@ -104,6 +104,22 @@ def runner_path(package: Path) -> Path:
     return package.with_suffix(".so")
 
 
+def traced_reason(package: Path, building: bool) -> str:
+    """Why a replica that asked for `package` serves the traced model."""
+    if building:
+        return "this replica started its build; replicas started later load it"
+    note = failed_note(package)
+    if note.exists():
+        try:
+            why = note.read_text().strip()[:500]
+        except OSError as exc:
+            why = repr(exc)
+        return f"its build failed ({why}); delete {note} to build again"
+    if _compiler() is None:
+        return "no C++ compiler (g++ or c++) on PATH"
+    return f"no usable package at {package} (a read-only cache, or it did not load)"
+
+
 def _compiler() -> str | None:
     import shutil
 

@@ -139,10 +139,12 @@ class Settings:
     session_recycle: int = 1
     # 1: SessionActor workers are forked by a per-node fork server that has
     # already imported Ray, numpy and the session code (actors/fork_server.py),
-    # so each shares those pages: ~34 MiB of private memory a session (its
-    # worker and its ~4 MiB shim) instead of ~59.
+    # so each shares those pages (private memory a session: docs/internals.md).
+    # Opt-in: it runs Ray's private worker entry point and reads the raylet's
+    # worker command line, which a Ray patch release may change; a session it
+    # does not fork is logged and counted (diglett_fallbacks_total).
     # 0: Ray starts each one as a fresh Python process.
-    session_fork: int = 1
+    session_fork: int = 0
     # Batches are padded up to these sizes (comma-separated), each warmed up
     # at start. "": a GPU replica pads to 8, 16, 32, 64, then multiples of
     # 64 up to batch_size (diglett/embedder.py, gpu_batch_shapes); a CPU

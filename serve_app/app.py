@@ -9,7 +9,8 @@ from __future__ import annotations
 from ray.serve import Application
 
 from diglett.settings import Settings
-from serve_app.embedding import AUTOSCALING, EmbeddingDeployment
+from serve_app.autoscaling import EMBED_AUTOSCALING
+from serve_app.embedding import EmbeddingDeployment
 from serve_app.ingress import Ingress
 from serve_app.placement import embedding_actor_options
 
@@ -30,7 +31,10 @@ def build_app(args: dict | None = None) -> Application:
         options["ray_actor_options"] = embedding_actor_options(base, settings)
     cap = (args or {}).get("max_embed_replicas")
     if cap:
-        options["autoscaling_config"] = {**AUTOSCALING, "max_replicas": int(cap)}
+        options["autoscaling_config"] = {
+            **EMBED_AUTOSCALING,
+            "max_replicas": int(cap),
+        }
     return Ingress.bind(EmbeddingDeployment.options(**options).bind())
 
 

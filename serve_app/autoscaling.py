@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 BUSY_METRIC = "model_busy"
+POLICY = "serve_app.autoscaling:embed_policy"
 # The busy share to keep each replica at: headroom for bursts and for a
 # replica that is starting (a GPU replica takes minutes to load and warm up).
 TARGET_BUSY = 0.6
@@ -44,3 +45,32 @@ def embed_policy(ctx: Any) -> tuple[int, dict]:
 
         return replica_queue_length_autoscaling_policy(ctx)
     return replicas_for(busy.values()), ctx.policy_state
+
+
+# The EmbeddingDeployment's `autoscaling_config`, the one source: the
+# deployment's decorator imports it, and `python -m serve_app.regenerate`
+# writes it into cluster/serve.yaml (EMBED_AUTOSCALING) and
+# cluster/serve-cluster.yaml (EMBED_AUTOSCALING_CLUSTER).
+EMBED_AUTOSCALING: dict = {
+    "min_replicas": 1,
+    # `diglett serve` lowers it to the GPUs it sees, or 1 without one.
+    "max_replicas": 4,
+    # Serve's default policy, until replicas report their busy share: each
+    # node's EmbedBatcher keeps at most 16 requests out (merging the rest),
+    # so a replica sees ~1-2 ongoing while it keeps up and 16 per node once
+    # it falls behind: 8 scales on the latter (64 never did).
+    "target_ongoing_requests": 8,
+    "upscale_delay_s": 10,
+    "downscale_delay_s": 300,
+    # On the models' busy share, not on ongoing requests (which the node
+    # batchers cap): embed_policy above.
+    "policy": {"policy_function": POLICY},
+}
+# A GPU cluster: two replicas at least, so losing one GPU node halves the
+# tier instead of ending it; one per GPU node, up to 8 (raise it with the
+# embed worker group's maxReplicas).
+EMBED_AUTOSCALING_CLUSTER: dict = {
+    **EMBED_AUTOSCALING,
+    "min_replicas": 2,
+    "max_replicas": 8,
+}

@@ -24,6 +24,7 @@ from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.settings import Settings
 from diglett.speech import window_lengths
 from serve_app import metrics
+from serve_app.autoscaling import EMBED_AUTOSCALING
 from serve_app.placement import model_worker_options
 
 logger = logging.getLogger("ray.serve")
@@ -72,21 +73,36 @@ def _thread_ids(pool: ThreadPoolExecutor, n: int) -> list[int]:
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 512
 
-AUTOSCALING = {
-    "min_replicas": 1,
-    "max_replicas": 4,
-    # Each node's EmbedBatcher keeps at most 16 requests out (merging the
-    # rest), so a replica sees ~1-2 ongoing while it keeps up and 16 per
-    # node once it falls behind: 8 scales on the latter (64 never did).
-    "target_ongoing_requests": 8,
-}
+
+def use_compiled_int8(
+    embedder, model_dir: Path, settings: Settings, threads: int
+) -> str:
+    """Run the compiled int8 model if this machine has one (else start its
+    build); "" if it runs, else why the traced model serves, which is logged
+    as a warning and counted (`diglett_fallbacks_total`,
+    mechanism=cpu_compile). A speed-up, never a failure."""
+    from diglett import compiled_int8
+
+    try:
+        if embedder.use_compiled_int8(model_dir, settings.cache_dir, threads) == (
+            "compiled"
+        ):
+            return ""
+        reason = compiled_int8.traced_reason(
+            embedder.cpu_int8_package, embedder.cpu_int8_build is not None
+        )
+    except Exception as exc:
+        reason = repr(exc)
+    logger.warning("compiled int8 model not used, the traced one serves: %s", reason)
+    metrics.fallback("cpu_compile")
+    return reason
 
 
 @serve.deployment(
     name="EmbeddingDeployment",
     # Caps how many requests can wait in a replica: must exceed the batch.
     max_ongoing_requests=256,
-    autoscaling_config=AUTOSCALING,
+    autoscaling_config=EMBED_AUTOSCALING,
     ray_actor_options=model_worker_options({"num_cpus": 1}),
 )
 class EmbeddingDeployment:
@@ -119,6 +135,7 @@ class EmbeddingDeployment:
             )
             self.model_dir = str(model_dir)
         self._on_gpu = self.embedder.device.startswith("cuda")
+        self.cpu_int8_fallback = ""  # why the compiled int8 model is not used
         if self.embedder.device == "cpu":
             import torch
 
@@ -126,12 +143,9 @@ class EmbeddingDeployment:
             torch.set_num_threads(threads)
             if self.model_dir and settings.cpu_precision == "int8":
                 if settings.cpu_compile:
-                    try:
-                        self.embedder.use_compiled_int8(
-                            Path(self.model_dir), settings.cache_dir, threads
-                        )
-                    except Exception as exc:  # a speed-up, never a failure
-                        logger.warning("compiled int8 model not used: %r", exc)
+                    self.cpu_int8_fallback = use_compiled_int8(
+                        self.embedder, Path(self.model_dir), settings, threads
+                    )
                 logger.info("int8 model: %s", self.embedder.cpu_int8)
         elif self._on_gpu:
             # torch here, not at module level: a deployment class that
@@ -307,6 +321,7 @@ class EmbeddingDeployment:
             "precision": self.embedder.precision,
             # "compiled" or "traced" (int8 on a CPU; diglett/compiled_int8.py)
             "cpu_int8": getattr(self.embedder, "cpu_int8", ""),
+            "cpu_int8_fallback": self.cpu_int8_fallback,
             "batch_shapes": list(self._batch_shapes),
             "compiled": self.embedder.compiled,
             "warm_up_s": round(self.warm_up_s, 2),

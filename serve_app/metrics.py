@@ -20,6 +20,9 @@ gauge is therefore set again every `GAUGE_REFRESH_S` by a thread.
     diglett_embed_seconds              histogram  model time per batch
     diglett_label_latency_seconds      histogram  last sample of a hop -> label sent
     diglett_errors_total               counter    error messages sent (tag: code)
+    diglett_fallbacks_total            counter    a private-API speed-up not used, and
+                                                  the plain path taken (tag: mechanism=
+                                                  session_fork|cpu_compile; docs/internals.md)
 """
 
 from __future__ import annotations
@@ -99,6 +102,12 @@ def _create(name: str):
         return m.Counter(
             "diglett_errors_total", "Error messages sent, by code.", tag_keys=("code",)
         )
+    if name == "fallbacks":
+        return m.Counter(
+            "diglett_fallbacks_total",
+            "Switched-on private-API mechanisms that fell back to the plain path.",
+            tag_keys=("mechanism",),
+        )
     raise KeyError(name)
 
 
@@ -160,3 +169,11 @@ def message_sent(msg: dict) -> None:
 def error(code: str) -> None:
     if m := _get("errors"):
         _safe(lambda: m.inc(1, tags={"code": code}))
+
+
+def fallback(mechanism: str) -> None:
+    """A switched-on mechanism of docs/internals.md fell back (its caller
+    logs why): `session_fork` per SessionActor not forked, `cpu_compile`
+    per CPU replica serving the traced int8 model."""
+    if m := _get("fallbacks"):
+        _safe(lambda: m.inc(1, tags={"mechanism": mechanism}))

@@ -46,12 +46,11 @@ SERVE_ENV: dict[str, str] = {
     # through Serve's fallback proxy). A session may stream for hours; an
     # old process exits by itself once its last connection closes.
     "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "86400",
-    # Ray keeps a stopped replica's port out of use for the hard stop plus
-    # 30 s, against old processes routing new requests to it; they carry
-    # only WebSockets (open tunnels, no new requests), and a day's
-    # quarantine would let ingress churn use up a node's 1,000 ports.
-    # Ray's own value for its default hard stop:
-    "RAY_SERVE_PORT_QUARANTINE_S": "150",
+    # Not set: RAY_SERVE_PORT_QUARANTINE_S. Ray derives it from the hard
+    # stop (+30 s), so that an old process, which routes to its frozen list
+    # of replicas until it exits, never finds a stopped replica's port given
+    # to another. The price of a day's quarantine: a node's 1,000 replica
+    # ports (30000-31000) cover 1,000 ingress replica starts a day on it.
 }
 
 # How /healthz says a request reached the ingress replica (`route`): from

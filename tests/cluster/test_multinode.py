@@ -162,6 +162,8 @@ def cluster():
         DIGLETT_SESSION_RESOURCE="diglett_session",
         DIGLETT_EMBED_RESOURCE="diglett_embed",
         DIGLETT_SESSION_TTL_S="30",
+        # Opt-in: checked below, one fork server per node.
+        DIGLETT_SESSION_FORK="1",
         DIGLETT_API_TOKEN="",
         RAY_USAGE_STATS_ENABLED="0",
         # Ray 2.60 turns token auth on for new local clusters; this private

@@ -117,6 +117,52 @@ def test_an_unusable_package_is_replaced(tmp_path, monkeypatch):
     assert not pkg.exists() and len(started) == 2
 
 
+def test_why_the_traced_model_serves(tmp_path, monkeypatch):
+    pkg = package_path(tmp_path, 1)
+    pkg.parent.mkdir(parents=True)
+    assert "started its build" in compiled_int8.traced_reason(pkg, building=True)
+    compiled_int8.failed_note(pkg).write_text("RuntimeError: no g++ today\n")
+    assert "no g++ today" in compiled_int8.traced_reason(pkg, building=False)
+    compiled_int8.failed_note(pkg).unlink()
+    assert "no usable package" in compiled_int8.traced_reason(pkg, building=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "no C++ compiler" in compiled_int8.traced_reason(pkg, building=False)
+
+
+def test_a_replica_logs_and_counts_the_traced_fallback(tmp_path, monkeypatch):
+    from serve_app import embedding
+
+    class Fake:
+        cpu_int8_package = package_path(tmp_path, 1)
+        cpu_int8_build = None
+
+        def __init__(self, result):
+            self.result = result
+
+        def use_compiled_int8(self, model_dir, cache_dir, threads):
+            if isinstance(self.result, Exception):
+                raise self.result
+            if self.result == "traced":
+                self.cpu_int8_build = object()  # it started the build
+            return self.result
+
+    counted, logged = [], []
+    monkeypatch.setattr(embedding.metrics, "fallback", counted.append)
+    # Serve's logger does not propagate to pytest's handler.
+    monkeypatch.setattr(embedding.logger, "warning", lambda *a: logged.append(a))
+    settings = Settings(cache_dir=str(tmp_path))
+    assert embedding.use_compiled_int8(Fake("compiled"), tmp_path, settings, 1) == ""
+    assert counted == [] and logged == []
+    why = embedding.use_compiled_int8(Fake("traced"), tmp_path, settings, 1)
+    assert "started its build" in why and counted == ["cpu_compile"]
+    why = embedding.use_compiled_int8(Fake(OSError("ro")), tmp_path, settings, 1)
+    assert "OSError('ro')" in why and counted == ["cpu_compile"] * 2
+    assert [a[-1] for a in logged] == [
+        compiled_int8.traced_reason(Fake.cpu_int8_package, True),
+        "OSError('ro')",
+    ]
+
+
 def test_the_setting_is_validated():
     assert Settings().cpu_compile == 1
     assert Settings.from_env(env={"DIGLETT_CPU_COMPILE": "0"}).cpu_compile == 0
@@ -183,7 +229,9 @@ def built(server, tmp_path_factory):
     prefix = deploy_app(APP, env)
     try:
         handle = serve.get_deployment_handle("EmbeddingDeployment", app_name=APP)
-        assert handle.info.remote().result(timeout_s=60)["cpu_int8"] == "traced"
+        info = handle.info.remote().result(timeout_s=60)
+        assert info["cpu_int8"] == "traced"
+        assert "started its build" in info["cpu_int8_fallback"]
         package = package_path(cache, threads)
         deadline = time.monotonic() + 1200
         while not (package.is_file() and compiled_int8.runner_path(package).is_file()):
@@ -195,7 +243,8 @@ def built(server, tmp_path_factory):
         serve.delete(APP)
         prefix = deploy_app(APP, env)
         handle = serve.get_deployment_handle("EmbeddingDeployment", app_name=APP)
-        assert handle.info.remote().result(timeout_s=60)["cpu_int8"] == "compiled"
+        info = handle.info.remote().result(timeout_s=60)
+        assert (info["cpu_int8"], info["cpu_int8_fallback"]) == ("compiled", "")
         yield cache, threads, prefix
     finally:
         serve.delete(APP)

@@ -20,9 +20,12 @@ import pytest
 
 from actors import fork_server
 from actors.fork_shim import (
+    FALLBACK_ENV,
+    SHIM_PID_ENV,
     decode_request,
     encode_request,
     exit_status,
+    fallback_reason,
     server_path,
 )
 
@@ -62,6 +65,30 @@ def test_the_server_socket_sits_beside_the_raylets():
 
 def test_exit_status_is_shell_style():
     assert [exit_status(c) for c in (0, 1, -9, -15)] == [0, 1, 137, 143]
+
+
+def test_a_worker_knows_whether_and_why_it_was_not_forked():
+    assert fallback_reason({SHIM_PID_ENV: "12"}) == ""
+    assert fallback_reason({FALLBACK_ENV: "environment differs"}) == (
+        "environment differs"
+    )
+    assert "not start it through the fork shim" in fallback_reason({})
+
+
+def test_a_session_not_forked_is_logged_and_counted(monkeypatch, caplog):
+    from actors import session_actor
+    from diglett.settings import Settings
+
+    counted = []
+    monkeypatch.setattr(session_actor.metrics, "fallback", counted.append)
+    on, off = Settings(session_fork=1), Settings(session_fork=0)
+    with caplog.at_level("WARNING", logger="diglett.session"):
+        assert session_actor.report_fork_fallback(on, {SHIM_PID_ENV: "1"}) == ""
+        assert session_actor.report_fork_fallback(off, {}) == ""
+        assert counted == [] and not caplog.records
+        reason = session_actor.report_fork_fallback(on, {FALLBACK_ENV: "why"})
+    assert reason == "why" and counted == ["session_fork"]
+    assert "not forked" in caplog.text and "why" in caplog.text
 
 
 def test_only_import_time_variables_must_match():
@@ -143,7 +170,10 @@ def test_preloaded_server_is_single_threaded_and_its_children_draw_distinct_ids(
 def _run_shim(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
     """The shim asked for a worker that is not Ray's: it must run it itself."""
     script = tmp_path / "not_ray.py"
-    script.write_text("import sys\nprint('ran', sys.argv[1:])\nsys.exit(7)\n")
+    script.write_text(
+        "import os, sys\nprint('ran', sys.argv[1:])\n"
+        f"print('fallback:', os.environ.get({FALLBACK_ENV!r}))\nsys.exit(7)\n"
+    )
     shim = ROOT / "actors" / "fork_shim.py"
     raylet = tmp_path / "sockets" / "raylet"
     raylet.parent.mkdir(exist_ok=True)
@@ -163,6 +193,8 @@ def test_the_shim_starts_a_server_and_runs_a_refused_worker_itself(tmp_path):
         out = _run_shim(tmp_path, {**os.environ, "RAY_RAYLET_PID": str(keeper.pid)})
         assert out.returncode == 7, out.stderr
         assert "ran ['--raylet-name=" in out.stdout
+        # The server's reason reaches the worker, which reports it.
+        assert "fallback: the fork server refused the worker: not Ray's" in out.stdout
         sock = tmp_path / "sockets" / "raylet.diglett-fork"
         assert sock.exists()  # the server it started is serving
         log = (tmp_path / "diglett-fork-server-raylet.log").read_text()
@@ -182,6 +214,7 @@ def test_a_node_whose_server_failed_runs_ordinary_workers_at_once(tmp_path):
     out = _run_shim(tmp_path, {**os.environ, "RAY_RAYLET_PID": str(os.getpid())})
     assert out.returncode == 7 and "ran" in out.stdout
     assert "refused to serve on this node" in out.stderr
+    assert "fallback: the fork server refused to serve on this node" in out.stdout
     assert not (tmp_path / "sockets" / "raylet.diglett-fork").exists()
 
 
@@ -292,3 +325,30 @@ def test_a_killed_shim_takes_its_worker_and_a_killed_worker_its_shim(server):
     assert _gone(shim_b)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(b.ids.remote(), timeout=60)
+
+
+def test_sessions_are_forked_when_switched_on_and_a_refusal_is_reported(server):
+    """With DIGLETT_SESSION_FORK=1 a SessionActor must run in a forked
+    worker: this fails if an upgrade (of Ray, or of the fork server's
+    checks) silently stops the forking. One whose environment differs from
+    the fork server's is refused, and says why."""
+    import ray
+
+    from actors.session_actor import SessionActor, session_actor_args
+    from diglett.settings import Settings
+    from serve_app.placement import session_actor_options
+
+    settings = Settings.from_env({"DIGLETT_SESSION_FORK": "1"})
+    options = session_actor_options(settings)
+    refused = {**options["runtime_env"], "env_vars": {"RAY_DIGLETT_TEST": "1"}}
+    args = session_actor_args(settings, ("diglett", "EmbeddingDeployment"), "s", "t")
+    forked = SessionActor.options(**options).remote(*args)
+    plain = SessionActor.options(**{**options, "runtime_env": refused}).remote(*args)
+    try:
+        one, other = ray.get([forked.stats.remote(), plain.stats.remote()], timeout=120)
+        assert one["fork_fallback"] == ""
+        _fork_server_of(one["pid"])
+        assert "environment differs: ['RAY_DIGLETT_TEST']" in other["fork_fallback"]
+    finally:
+        for actor in (forked, plain):
+            ray.kill(actor)

@@ -68,7 +68,7 @@ def test_metric_names_are_prometheus_safe():
     import re
 
     names = re.findall(r'"(diglett_[a-z_]+)"', Path(metrics.__file__).read_text())
-    assert len(set(names)) == 7
+    assert len(set(names)) == 8
     assert all(re.fullmatch(r"[a-z_][a-z0-9_]*", n) for n in names)
 
 
@@ -101,12 +101,9 @@ def test_json_logs_carry_session_id_and_never_audio():
     assert n == 1
 
 
-FORKED = {"runtime_env": {"py_executable": fork_shim_command()}}
-
-
 def test_placement_defaults_spread_without_resources():
     s = Settings.from_env({})
-    assert session_actor_options(s) == {"scheduling_strategy": "SPREAD", **FORKED}
+    assert session_actor_options(s) == {"scheduling_strategy": "SPREAD"}
     assert embedding_actor_options({"num_cpus": 1}, s) == {
         "num_cpus": 1,
         "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
@@ -130,7 +127,6 @@ def test_placement_custom_resources():
     assert session_actor_options(s) == {
         "scheduling_strategy": "DEFAULT",
         "resources": {"diglett_session": 1},
-        **FORKED,
     }
     base = {"num_cpus": 1, "resources": {"other": 2}}
     assert embedding_actor_options(base, s) == {
@@ -141,13 +137,17 @@ def test_placement_custom_resources():
     assert base == {"num_cpus": 1, "resources": {"other": 2}}  # not mutated
 
 
-def test_session_workers_are_forked_unless_turned_off():
-    """The shim runs on the interpreter this install runs on, stdlib only."""
+def test_session_workers_are_forked_only_when_switched_on():
+    """Opt-in (docs/internals.md). The shim runs on the interpreter this
+    install runs on, stdlib only."""
     command = shlex.split(fork_shim_command())
     assert command[:3] == [sys.executable, "-I", "-S"]
     assert Path(command[3]).is_file() and command[3].endswith("actors/fork_shim.py")
-    off = Settings.from_env({"DIGLETT_SESSION_FORK": "0"})
-    assert session_actor_options(off) == {"scheduling_strategy": "SPREAD"}
+    assert session_actor_options(Settings()) == {"scheduling_strategy": "SPREAD"}
+    on = Settings.from_env({"DIGLETT_SESSION_FORK": "1"})
+    assert session_actor_options(on)["runtime_env"] == {
+        "py_executable": fork_shim_command()
+    }
     with pytest.raises(ValueError, match="DIGLETT_SESSION_FORK"):
         Settings.from_env({"DIGLETT_SESSION_FORK": "2"})
 
