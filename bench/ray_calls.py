@@ -33,12 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.load import SPEAKERS, _voices, enroll_all  # noqa: E402
-from diglett.audio import encode_s16  # noqa: E402
+from bench import harness as hn
 
 FLUSH_S = 3.0  # Ray reports task events to the GCS every second
 
@@ -73,40 +68,28 @@ def count_calls(tasks: list, actor_classes: dict, t0_ms: int, t1_ms: int) -> Cou
     return out
 
 
-async def _stream(url: str, enrolls, conv: np.ndarray, seconds: float) -> dict:
-    """One session: enroll, stream `seconds` in real time, end. Returns the
-    streaming window (epoch ms) and the labels it got."""
-    import websockets
-
-    async with websockets.connect(url, max_size=2**24, compression=None) as ws:
-        assert json.loads(await ws.recv())["type"] == "ready"
-        error = await enroll_all(ws, enrolls)
-        if error:
-            raise RuntimeError(f"enrollment failed: {error}")
+async def _stream(
+    srv: hn.Server,
+    enrolls: list[tuple[str, np.ndarray]],
+    conv: np.ndarray,
+    seconds: float,
+) -> dict:
+    """One session: enroll, stream `seconds` in real time (0.1 s frames),
+    end. Returns the streaming window (epoch ms) and the labels it got."""
+    labels: list[dict] = []
+    conn = await hn.connect(srv, on_label=labels.append)
+    try:
+        for name, audio in enrolls:
+            await hn.enroll(conn, name, audio)
         await asyncio.sleep(FLUSH_S)  # enrollment's calls fall before the window
-        labels: list[dict] = []
-
-        async def reader() -> None:
-            async for raw in ws:
-                m = json.loads(raw)
-                if m["type"] == "label":
-                    labels.append(m)
-                elif m["type"] == "error":
-                    raise RuntimeError(f"server error: {m}")
-
-        task = asyncio.create_task(reader())
         t0_ms = int(time.time() * 1e3)
-        await ws.send(json.dumps({"type": "stream"}))
-        start, frame = time.monotonic(), 1600
-        for i, k in enumerate(range(0, int(seconds * 16000), frame)):
-            delay = start + i * 0.1 - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await ws.send(encode_s16(conv[k % (conv.size - frame) :][:frame]))
+        await conn.send_json({"type": "stream"})
+        await hn.stream(conn, conv, 1600, speed=1.0, seconds=seconds)
         await asyncio.sleep(1.0)  # the last hop's label
         t1_ms = int(time.time() * 1e3)
-        await ws.send(json.dumps({"type": "end"}))
-        await asyncio.wait_for(task, 60)
+        await hn.finish(conn, timeout=60)
+    finally:
+        await conn.close()
     return {"t0_ms": t0_ms, "t1_ms": t1_ms, "labels": labels}
 
 
@@ -116,7 +99,7 @@ def main() -> int:
     ap.add_argument(
         "--real", action="store_true", help="the real model (default: no-op)"
     )
-    ap.add_argument("--data", type=Path, default=SPEAKERS)
+    ap.add_argument("--data", type=Path, default=hn.SPEAKERS)
     args = ap.parse_args()
 
     # Before Ray starts, so that every process it starts inherits them, and
@@ -131,24 +114,22 @@ def main() -> int:
     if not args.real:
         os.environ["DIGLETT_EMBEDDER"] = "noop"
     import ray
-    from ray import serve
+
+    enrolls, conv = hn.voices(args.data)
+    # The state API needs the dashboard.
+    with hn.local_server(include_dashboard=True) as srv:
+        run = asyncio.run(_stream(srv, enrolls, conv, args.seconds))
+        return _report(args, run, ray.get_runtime_context().gcs_address)
+
+
+def _report(args, run: dict, gcs_address: str) -> int:
+    """Count the calls of the streaming window, print them as JSON lines."""
     from ray.util.state import list_actors, list_tasks
 
-    from serve_app.app import build_app
-    from serve_app.serve_env import start_local_serve, wait_until_healthy
-
-    port = start_local_serve(include_dashboard=True)  # the state API needs it
-    serve.run(build_app({"max_embed_replicas": 1}), name="diglett", route_prefix="/")
-    if not wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=120):
-        raise SystemExit("the server did not become healthy")
-    enrolls, conv = _voices(args.data)
-    run = asyncio.run(
-        _stream(f"ws://127.0.0.1:{port}/v1/stream", enrolls, conv, args.seconds)
-    )
     time.sleep(FLUSH_S)
     # This instance's, by address: others may run on a shared machine.
     state = {
-        "address": ray.get_runtime_context().gcs_address,
+        "address": gcs_address,
         "limit": 10_000,
         "detail": True,
         "raise_on_missing_output": False,
@@ -175,7 +156,6 @@ def main() -> int:
         "tasks_listed": len(tasks),
     }
     print(json.dumps(summary), flush=True)
-    serve.shutdown()
     return 0
 
 
