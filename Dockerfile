@@ -53,7 +53,7 @@ ENV RAY_SERVE_ENABLE_HA_PROXY=1 \
 # across containers.
 
 # python3-dev and g++ build the compiled int8 model for the CPU a container
-# runs on, once, in the background (diglett/compiled_int8.py; without them:
+# runs on, once, in the background (diglett/model/compiled_int8.py; without them:
 # the traced model). tini reaps Ray's children and forwards SIGTERM.
 # soundfile's wheel bundles libsndfile. Unpinned on purpose: Debian stable
 # only ships security fixes for these.
@@ -98,7 +98,7 @@ RUN --mount=type=bind,source=image/wheels,target=/wheels \
  && pip check \
  && python -m compileall -q /opt/diglett/app \
  && python -c "from diglett.settings import Settings; \
-from diglett.model_store import resolve_model_dir; \
+from diglett.model.model_store import resolve_model_dir; \
 print('model verified:', resolve_model_dir(Settings.from_env(), allow_download=False))"
 
 USER diglett

@@ -27,15 +27,15 @@ import ray
 
 from actors.embed_batcher import TASK_EVENTS, node_batcher
 from diglett import logging_setup
-from diglett.audio import to_int16
-from diglett.holdback import HoldRule
+from diglett.engine.audio import to_int16
+from diglett.engine.holdback import HoldRule
 from diglett.priority import lower_cpu_priority, thread_niceness
-from diglett.protocol import CLOSE_CODES, error
-from diglett.session import Close, EnrollJob, EnrollWindowJob, SessionEngine
+from diglett.engine.protocol import CLOSE_CODES, error
+from diglett.engine.session import Close, EnrollJob, EnrollWindowJob, SessionEngine
 from diglett.settings import Settings
 from serve_app import metrics
 
-logger = logging.getLogger("diglett.session")
+logger = logging.getLogger("diglett.engine.session")
 
 NAMESPACE = "diglett"
 KEEPALIVE_S = 15.0  # the ingress touches an attached session this often

@@ -2,8 +2,8 @@
 """The CPU int8 models side by side: traced (torch.ao + TorchScript) against
 torchao's int8, eager and compiled ahead of time (the server's default).
 
-The traced model (diglett/int8.py) rests on two APIs torch 2.11 deprecates;
-the compiled one (diglett/compiled_int8.py) is torchao's
+The traced model (diglett/model/int8.py) rests on two APIs torch 2.11 deprecates;
+the compiled one (diglett/model/compiled_int8.py) is torchao's
 `Int8DynamicActivationInt8WeightConfig` on the same time-major network,
 exported and built by AOTInductor. Measured on the same 1.5 s windows of
 real speech:
@@ -72,9 +72,9 @@ def _cosines(net, feats, ref) -> tuple[float, float, float]:
 def main() -> int:
     import torch
 
-    from diglett import compiled_int8
-    from diglett.int8 import quantize_int8
-    from diglett.model_store import load_encoder, resolve_model_dir
+    from diglett.model import compiled_int8
+    from diglett.model.int8 import quantize_int8
+    from diglett.model.model_store import load_encoder, resolve_model_dir
     from diglett.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__)

@@ -58,9 +58,9 @@ def _rate(embedder, batch: list[np.ndarray], seconds: float) -> tuple[float, flo
 def main() -> int:
     import torch
 
-    from diglett.decision import normalize
-    from diglett.embedder import Embedder
-    from diglett.model_store import resolve_model_dir
+    from diglett.engine.decision import normalize
+    from diglett.model.embedder import Embedder
+    from diglett.model.model_store import resolve_model_dir
     from diglett.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -112,8 +112,8 @@ def main() -> int:
 def _channel_major_int8(model_dir: Path):
     """The int8 model with SpeechBrain's channel-major layout (the earlier
     default), for comparison."""
-    from diglett.embedder import Embedder
-    from diglett.int8 import quantize_int8
+    from diglett.model.embedder import Embedder
+    from diglett.model.int8 import quantize_int8
 
     emb = Embedder.load(model_dir, "cpu", "fp32")
     mods = emb.encoder.mods

@@ -55,9 +55,9 @@ from bench import devset  # noqa: E402
 from bench import metrics as mt  # noqa: E402
 from bench import tune_decision as td  # noqa: E402
 from bench.embed_cache import EmbedCache  # noqa: E402
-from diglett import levels  # noqa: E402
-from diglett.decision import normalize  # noqa: E402
-from diglett.session import EnrollJob, EnrollWindowJob, HopJob  # noqa: E402
+from diglett.engine import levels  # noqa: E402
+from diglett.engine.decision import normalize  # noqa: E402
+from diglett.engine.session import EnrollJob, EnrollWindowJob, HopJob  # noqa: E402
 from diglett.settings import Settings  # noqa: E402
 
 SR = 16000
@@ -72,19 +72,19 @@ def _patch(module, name, value):
 
 
 def _no_part():
-    from diglett import speech
+    from diglett.engine import speech
 
     return _patch(speech, "speech_part_start", lambda w0, *a, **k: w0)
 
 
 def _no_adapt():
-    from diglett import decision
+    from diglett.engine import decision
 
     return _patch(decision, "ADAPT_MAX_WEIGHT", 0.0)
 
 
 def _strict_adapt():
-    from diglett import decision
+    from diglett.engine import decision
 
     undo = [_patch(decision, "ADAPT_MARGIN", 0.15), _patch(decision, "ADAPT_GAP", 0.3)]
     return lambda: [u() for u in undo]

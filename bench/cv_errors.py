@@ -34,7 +34,7 @@ from bench import devset
 from bench import metrics as mt
 from bench import tune_decision as td
 from bench.embed_cache import EmbedCache
-from diglett import levels
+from diglett.engine import levels
 from diglett.settings import Settings
 
 EDGE_S = 0.5  # a turn's first / last half second

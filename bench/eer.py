@@ -20,8 +20,8 @@ import numpy as np
 import soundfile as sf
 
 from bench.harness import SPEAKERS
-from diglett import levels
-from diglett.decision import normalize
+from diglett.engine import levels
+from diglett.engine.decision import normalize
 from diglett.settings import Settings
 
 
@@ -41,8 +41,8 @@ def main() -> int:
     ap.add_argument("--window-s", type=float, default=1.5)
     ap.add_argument("--model-dir", default=os.environ.get("DIGLETT_MODEL_DIR", ""))
     args = ap.parse_args()
-    from diglett.embedder import Embedder
-    from diglett.model_store import resolve_model_dir
+    from diglett.model.embedder import Embedder
+    from diglett.model.model_store import resolve_model_dir
 
     s = Settings.from_env()
     if args.model_dir:

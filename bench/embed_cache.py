@@ -47,7 +47,7 @@ class EmbedCache:
 
     def model(self):
         if self._model is None:
-            from diglett.embedder import Embedder
+            from diglett.model.embedder import Embedder
 
             self._model = Embedder.load(self.model_dir, "cpu", self.precision)
             self._model.max_batch = 32

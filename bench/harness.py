@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from client.session import ClientError, Connection
-from diglett.audio import encode_s16
+from diglett.engine.audio import encode_s16
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKERS = ROOT.parent / "shared" / "data" / "speakers"  # the dev set's speech

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Tune threshold, gate_dbfs and speech_min_frac on synthetic conversations.
 
-Runs every conversation OFFLINE through the real `diglett.session.SessionEngine`
+Runs every conversation OFFLINE through the real `diglett.engine.session.SessionEngine`
 (the exact per-session server logic): `enroll` + 0.1 s pcm_s16le frames +
 `enroll_end` for A and B, `stream`, the conversation in 0.1 s frames, `end`;
 every embedding job is computed with the real ECAPA model via
-`diglett.embedder.Embedder`. The frames carry a simulated real-time clock.
+`diglett.model.embedder.Embedder`. The frames carry a simulated real-time clock.
 
 Caching: the decision parameters never change a window's audio, only
 whether a hop is embedded (gate) and how its scores are read (threshold).
@@ -38,7 +38,7 @@ embedding/decision method. Labels are mapped onto the same 0.1 s frames.
 
 The tuned "threshold" is the server's relative bar (`rel_threshold`: each
 speaker's bar is that times its enrollment's self-score, see
-diglett/decision.py); with --absolute it is the one cosine threshold for
+diglett/engine/decision.py); with --absolute it is the one cosine threshold for
 all speakers, with relative bars off. Enrollment sub-window embeddings are
 cached by speaker and the digest of their audio.
 
@@ -64,12 +64,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from bench import conversations as cv  # noqa: E402
 from bench import metrics as mt  # noqa: E402
-from diglett import levels  # noqa: E402
-from diglett.decision import NOISE, SILENCE, cosine_scores, decide  # noqa: E402
-from diglett.decision import normalize  # noqa: E402
-from diglett.decision import speaker_threshold  # noqa: E402
-from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob  # noqa: E402
-from diglett.session import SessionEngine  # noqa: E402
+from diglett.engine import levels  # noqa: E402
+from diglett.engine.decision import NOISE, SILENCE, cosine_scores, decide  # noqa: E402
+from diglett.engine.decision import normalize  # noqa: E402
+from diglett.engine.decision import speaker_threshold  # noqa: E402
+from diglett.engine.session import (
+    Close,
+    EnrollJob,
+    EnrollWindowJob,
+    HopJob,
+)  # noqa: E402
+from diglett.engine.session import SessionEngine  # noqa: E402
 from diglett.settings import SAMPLE_RATE, Settings  # noqa: E402
 
 TUNE = ["LS-19", "LS-26", "VCTK-p225", "VCTK-p226"]
@@ -462,7 +467,7 @@ def build_split(utts, speakers, per_triple, seed, tag, n_turns):
 def load_embedder(model_dir: Path, savedir: Path):
     from speechbrain.inference.speaker import EncoderClassifier
 
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     enc = EncoderClassifier.from_hparams(
         source=str(model_dir),

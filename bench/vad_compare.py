@@ -1,8 +1,8 @@
 """Which voice-activity detector should replace the energy gate?
 
-Compares, on real speech, the server's energy gate (`diglett/levels.py`:
+Compares, on real speech, the server's energy gate (`diglett/engine/levels.py`:
 -55 dBFS on 20 ms frames, 40 % of a hop's frames), WebRTC VAD (modes 0-3),
-Silero VAD (ONNX through `diglett/vad.py`, no torch) and TEN VAD.
+Silero VAD (ONNX through `diglett/engine/vad.py`, no torch) and TEN VAD.
 
 Test set (all speech real, from ../shared/data/speakers{,-more}; the
 "noisy mix" corpus is left out since its reference must come from clean
@@ -66,7 +66,7 @@ import soundfile as sf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench import conversations as cv  # noqa: E402
-from diglett import levels  # noqa: E402
+from diglett.engine import levels  # noqa: E402
 
 SR = 16000
 FRAME = 320  # truth frame: 20 ms
@@ -333,11 +333,11 @@ class TenStream(Int16FrameStream):
 
 
 class SileroStream:
-    """diglett.vad.StreamingVad: score = speech probability. `stock`: the
+    """diglett.engine.vad.StreamingVad: score = speech probability. `stock`: the
     one-frame-per-call silero_vad.onnx instead of the sequence export."""
 
     def __init__(self, stock: bool = False) -> None:
-        from diglett import vad
+        from diglett.engine import vad
 
         session = None
         if stock:
@@ -543,7 +543,7 @@ x = (np.random.default_rng(0).standard_normal(8000) * 0.01).astype(np.float32)
 r0 = rss(); t0 = time.perf_counter(); c0 = time.process_time()
 kind = sys.argv[1]
 if kind.startswith("silero"):
-    from diglett import vad
+    from diglett.engine import vad
     names = ("silero_vad.onnx",) if kind == "silero-stock" else vad.MODEL_FILES
     vad.load_session(vad.model_path(names))
     d = vad.create(); d.push(x); d.speech_fraction(0, 8000)
@@ -555,7 +555,7 @@ elif kind.startswith("ten"):
     from ten_vad import TenVad
     d = TenVad(256, 0.5); d.process((x[:256] * 32767).astype(np.int16))
 elif kind == "energy":
-    from diglett import levels
+    from diglett.engine import levels
     levels.has_speech(x, -55.0, 0.4)
 print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                   "rss_delta_mib": (rss() - r0) / 2**20,

@@ -30,7 +30,7 @@ def encode_s16(x: np.ndarray) -> bytes:
     """float32 samples in [-1, 1], shape (n,) → the wire's `pcm_s16le` bytes,
     clipped to the int16 range.
 
-    The same as `diglett.audio.encode_s16`, copied so that the client installs
+    The same as `diglett.engine.audio.encode_s16`, copied so that the client installs
     on its own (`pip install ./client`) without the server's torch and Ray;
     tests/serve/test_client_install.py checks that the two agree.
     """

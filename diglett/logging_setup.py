@@ -5,7 +5,7 @@ Ray Serve's own replicas (the ingress, the embedding tier) log through Serve's
 `extra=` fields such as `session_id` to each JSON line. SessionActors are
 plain Ray actors, so they install this formatter on the `diglett` logger:
 
-    {"ts": "2026-11-28T00:20:01.123Z", "level": "INFO", "logger": "diglett.session",
+    {"ts": "2026-11-28T00:20:01.123Z", "level": "INFO", "logger": "diglett.engine.session",
      "msg": "session 3f9c… expired after 61 s", "session_id": "3f9c…", "pid": 4242}
 
 Arguments that are bytes or arrays are replaced by their size before a line
@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 
-from diglett.access import redact
+from diglett.engine.access import redact
 
 LOGGER = "diglett"
 MAX_MSG = 2000

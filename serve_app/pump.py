@@ -4,7 +4,7 @@ SessionActor, and the actor's answers back.
 Frames that queue up while the actor is busy are sent together in one actor
 call, so under load the per-call cost is spread over many frames; a backlog
 past `BACKLOG_BYTES` ends the session with `overloaded`. Audio frames are
-held back until the session can answer something new (diglett/holdback.py).
+held back until the session can answer something new (diglett/engine/holdback.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from actors.session_actor import EMBED_TIMEOUT_S, ENROLL_TIMEOUT_S, KEEPALIVE_S
-from diglett.holdback import HoldRule, StreamPace, can_hold, send_by
-from diglett.protocol import CLOSE_CODES, error
+from diglett.engine.holdback import HoldRule, StreamPace, can_hold, send_by
+from diglett.engine.protocol import CLOSE_CODES, error
 from diglett.settings import Settings
 from serve_app import metrics
 from serve_app.calls import CALL_MARGIN_S, _await
@@ -237,11 +237,11 @@ async def pump(
     # may have died since the pool's last keep-alive).
     fresh = not resumed
     # Audio frames held back until the session can answer something new
-    # (diglett/holdback.py): one actor call per hop, not one per frame.
+    # (diglett/engine/holdback.py): one actor call per hop, not one per frame.
     held: list = []
     rule = HoldRule()
     # A stream well ahead of real time is answered once per hop of wall
-    # time, with every frame that came meanwhile (diglett/holdback.py).
+    # time, with every frame that came meanwhile (diglett/engine/holdback.py).
     pace = StreamPace()
     due: float | None = None  # when `held` must go, if held for pace
     try:

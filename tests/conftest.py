@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diglett.audio import encode_s16
+from diglett.engine.audio import encode_s16
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

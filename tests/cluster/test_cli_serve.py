@@ -45,7 +45,7 @@ def test_serve_run_stops_on_sigint_when_diglett_runs_as_a_background_job():
     SIGINT and SIGQUIT ignored, and an ignored signal stays ignored across
     exec: `serve run`, started as `diglett serve` starts it, must still take
     SIGINT, its clean stop, as a KeyboardInterrupt."""
-    from diglett.cli import start_serve_run
+    from serve_app.cli import start_serve_run
 
     child = (
         "import sys, time\n"
@@ -143,7 +143,7 @@ def test_serve_is_ready_on_the_direct_route_and_stops_cleanly_on_sigterm(tmp_pat
     serve_runs: list[int] = []
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "diglett.cli", "serve"],
+            [sys.executable, "-m", "serve_app.cli", "serve"],
             cwd=ROOT,
             env=env,
             stdout=out,

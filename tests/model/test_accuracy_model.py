@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load16, model_dir, needs_model, needs_speakers, to_s16, utterances
-from diglett.session import SessionEngine
+from diglett.engine.session import SessionEngine
 from diglett.settings import Settings
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.model]
@@ -23,7 +23,7 @@ pytestmark = [needs_model, needs_speakers, pytest.mark.model]
 @pytest.fixture(scope="module", params=["fp32", "int8"])
 def embedder(request):
     """Both CPU precisions must label the same (int8 is the server's default)."""
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     return Embedder.load(model_dir(), "cpu", request.param)
 

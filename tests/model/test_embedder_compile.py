@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diglett.embedder import Embedder, RandomEcapa
+from diglett.model.embedder import Embedder, RandomEcapa
 
 
 def test_compiled_ecapa_gives_the_eager_embeddings():

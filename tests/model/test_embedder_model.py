@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from conftest import load16, model_dir, needs_model, needs_speakers, utterances
-from diglett.decision import normalize
+from diglett.engine.decision import normalize
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.model]
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     return Embedder.load(model_dir(), "cpu")
 
@@ -53,7 +53,7 @@ def test_same_speaker_scores_higher(embedder):
 def test_int16_transport_keeps_embeddings(embedder):
     """Windows cross from SessionActors to the tier as int16; resampled
     (non-16-bit) audio loses nothing the model notices."""
-    from diglett.audio import resample, to_float32, to_int16
+    from diglett.engine.audio import resample, to_float32, to_int16
 
     u = utterances()
     x = resample(load16(u["LS-26"][1])[: 4 * 16000], 16000)  # float, any value
@@ -67,7 +67,7 @@ def test_int16_transport_keeps_embeddings(embedder):
 def test_int16_rows_are_scaled_as_the_float_path_does(embedder):
     """int16 windows are stacked as int16 and scaled in torch (on a GPU, on
     the device): the same numbers as converting each window first."""
-    from diglett.audio import to_float32, to_int16
+    from diglett.engine.audio import to_float32, to_int16
 
     u = utterances()
     x = load16(u["LS-26"][1])
@@ -87,8 +87,8 @@ def test_padding_to_batch_shapes_leaves_embeddings_unchanged(precision):
     """A batch padded with copies of its first row (GPU replicas' fixed
     shapes) gives its real rows the embeddings they get unpadded; int8's
     per-batch scale does not move either (copies add no new range)."""
-    from diglett.audio import to_int16
-    from diglett.embedder import Embedder
+    from diglett.engine.audio import to_int16
+    from diglett.model.embedder import Embedder
 
     emb = Embedder.load(model_dir(), "cpu", precision)
     u = utterances()

@@ -1,4 +1,4 @@
-"""Int8 ECAPA (diglett/int8.py): the rewrite is exact, the quantization close."""
+"""Int8 ECAPA (diglett/model/int8.py): the rewrite is exact, the quantization close."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import load16, model_dir, needs_model, needs_speakers, utterances
-from diglett.decision import normalize
-from diglett.int8 import PointwiseLinear, pointwise_as_linear, quantize_int8
+from diglett.engine.decision import normalize
+from diglett.model.int8 import PointwiseLinear, pointwise_as_linear, quantize_int8
 
 
 def test_pointwise_linear_equals_the_convolution():
@@ -39,8 +39,8 @@ def test_time_major_ecapa_equals_speechbrains_forward():
     """Float32, real model and speech: the time-major head (split attention
     weight, batch norms as affine maps) gives SpeechBrain's embeddings, eager
     and traced, for batch sizes and lengths other than the trace's."""
-    from diglett.ecapa_time_major import TimeMajorEcapa
-    from diglett.model_store import load_encoder
+    from diglett.model.ecapa_time_major import TimeMajorEcapa
+    from diglett.model.model_store import load_encoder
 
     encoder = load_encoder(model_dir(), "cpu")
     ecapa = encoder.mods.embedding_model.eval()
@@ -81,7 +81,7 @@ def test_a_model_without_pointwise_convolutions_is_refused():
 def test_int8_embeddings_stay_close_and_keep_speakers_apart():
     """Real speech, 1.5 s windows: int8 within cosine 0.95 of float32 (0.99
     on average), and same-speaker pairs still far above other-speaker ones."""
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     fp32 = Embedder.load(model_dir(), "cpu", "fp32")
     int8 = Embedder.load(model_dir(), "cpu", "int8")
@@ -109,7 +109,7 @@ def test_int8_embeddings_stay_close_and_keep_speakers_apart():
 
 
 def test_precision_setting_is_validated():
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
     from diglett.settings import Settings
 
     assert Settings().cpu_precision == "int8"
@@ -129,7 +129,7 @@ def test_an_embedding_does_not_depend_on_its_batch_neighbours():
     """A quiet window embedded beside loud ones (other sessions' audio) gets
     the embedding it gets alone, within 1e-4, in int8 (each window runs
     alone: the traced model's activation scales are per batch) and fp32."""
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     x = load16(utterances()["LS-19"][1])
     quiet, loud = 0.05 * x[:24000], np.clip(8 * x[24000:48000], -1, 1)
@@ -155,7 +155,7 @@ def test_time_major_tdnn_block_equals_speechbrains(k, dilation):
     edges included."""
     from speechbrain.lobes.models.ECAPA_TDNN import TDNNBlock
 
-    from diglett.ecapa_time_major import _TimeConv
+    from diglett.model.ecapa_time_major import _TimeConv
 
     torch.manual_seed(0)
     block = TDNNBlock(6, 5, kernel_size=k, dilation=dilation).eval()

@@ -27,7 +27,7 @@ def test_client_encode_s16_is_the_servers() -> None:
     """The client's copy of `encode_s16` (it may not import `diglett`) sends
     the same bytes as the server's, clipping included."""
     from client.audio import encode_s16 as client_s16
-    from diglett.audio import encode_s16 as server_s16
+    from diglett.engine.audio import encode_s16 as server_s16
 
     rng = np.random.default_rng(0)
     edges = [-2.0, -1.0, -1 / 32768, 0.0, 1 / 65536, 0.5, 32767 / 32768, 1.0, 3.0]

@@ -1,4 +1,4 @@
-"""The compiled int8 model (diglett/compiled_int8.py): its cache rules in
+"""The compiled int8 model (diglett/model/compiled_int8.py): its cache rules in
 milliseconds; then one real build (~2 min on 2 cores), its embeddings, and a
 Serve replica that runs it."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import load16, model_dir, needs_model, needs_speakers, utterances
-from diglett import compiled_int8
-from diglett.compiled_int8 import CompiledEcapa, machine_key, package_path
-from diglett.decision import normalize
+from diglett.model import compiled_int8
+from diglett.model.compiled_int8 import CompiledEcapa, machine_key, package_path
+from diglett.engine.decision import normalize
 from diglett.settings import Settings
 
 
@@ -97,7 +97,7 @@ def test_shapes_outside_the_package_go_to_the_fallback():
 
 @needs_model
 def test_an_unusable_package_is_replaced(tmp_path, monkeypatch):
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     emb = Embedder.load(model_dir(), "cpu", "int8")
     traced = emb.encoder.mods.embedding_model
@@ -188,7 +188,7 @@ def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
     pkg = package_path(tmp_path, 1)
     code = (
         "import time; from pathlib import Path; "
-        "from diglett.compiled_int8 import start_build; "
+        "from diglett.model.compiled_int8 import start_build; "
         f"p = start_build(Path({str(model_dir())!r}), Path({str(pkg)!r}), 1); "
         "print(p.pid, flush=True); time.sleep(10)"  # the build has begun
     )
@@ -264,7 +264,7 @@ def _speech_windows(n: int, size: int = 24000) -> list[np.ndarray]:
 @needs_compiler
 @pytest.mark.model
 def test_compiled_embeds_close_to_float32_and_alone_as_in_a_batch(built):
-    from diglett.embedder import Embedder
+    from diglett.model.embedder import Embedder
 
     cache, threads, _ = built
     torch.set_num_threads(threads)

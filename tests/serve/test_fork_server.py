@@ -82,7 +82,7 @@ def test_a_session_not_forked_is_logged_and_counted(monkeypatch, caplog):
     counted = []
     monkeypatch.setattr(session_actor.metrics, "fallback", counted.append)
     on, off = Settings(session_fork=1), Settings(session_fork=0)
-    with caplog.at_level("WARNING", logger="diglett.session"):
+    with caplog.at_level("WARNING", logger="diglett.engine.session"):
         assert session_actor.report_fork_fallback(on, {SHIM_PID_ENV: "1"}) == ""
         assert session_actor.report_fork_fallback(off, {}) == ""
         assert counted == [] and not caplog.records

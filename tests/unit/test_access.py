@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 
-from diglett.access import (
+from diglett.engine.access import (
     REDACTED,
     accepted_subprotocol,
     given_resume_token,
@@ -99,7 +99,7 @@ def test_diglett_serve_renders_the_bind_host_and_refuses_an_open_server(
 ):
     from pathlib import Path
 
-    from diglett import cli
+    from serve_app import cli
 
     config = Path(__file__).resolve().parents[2] / "cluster" / "serve.yaml"
     rendered = cli.render_config(config, Settings(), gpus=0)

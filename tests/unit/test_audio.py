@@ -1,4 +1,4 @@
-"""Frame decoding, format checks, resampling and WAV decoding (diglett.audio)."""
+"""Frame decoding, format checks, resampling and WAV decoding (diglett.engine.audio)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diglett.audio import (
+from diglett.engine.audio import (
     encode_s16,
     AudioError,
     InputFormat,

@@ -59,7 +59,7 @@ def test_the_noop_model_can_take_a_fixed_time_per_window(monkeypatch):
     """DIGLETT_NOOP_WINDOW_S: the multi-node autoscaling test's busy model."""
     import numpy as np
 
-    import diglett.embedder as embedder
+    import diglett.model.embedder as embedder
     from diglett.settings import Settings
 
     slept = []

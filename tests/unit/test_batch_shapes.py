@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diglett.embedder import gpu_batch_shapes, padded_size
+from diglett.model.embedder import gpu_batch_shapes, padded_size
 from diglett.settings import Settings
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from diglett.access import matching_token
-from diglett.client_limits import (
+from diglett.engine.access import matching_token
+from diglett.engine.client_limits import (
     PRUNE_EVERY_S,
     ClientLimits,
     address_key,

@@ -1,4 +1,4 @@
-"""Cosine scores, the argmax decision and talk statistics (diglett.decision)."""
+"""Cosine scores, the argmax decision and talk statistics (diglett.engine.decision)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from diglett.decision import (
+from diglett.engine.decision import (
     NOISE,
     RESERVED_LABELS,
     SILENCE,

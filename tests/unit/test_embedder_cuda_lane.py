@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from diglett.embedder import Embedder, RandomEcapa
+from diglett.model.embedder import Embedder, RandomEcapa
 
 
 @pytest.fixture

@@ -18,12 +18,17 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diglett.audio import AudioError, InputFormat, check_format, decode_frame
-from diglett.audio import decode_wav
-from diglett.decision import NOISE, decide
-from diglett.protocol import CLOSE_CODES, KNOWN_TYPES, ProtocolError, parse_control
-from diglett.session import Close, EnrollJob, EnrollWindowJob, FlushHeld, HopJob
-from diglett.session import SessionEngine, Summary
+from diglett.engine.audio import AudioError, InputFormat, check_format, decode_frame
+from diglett.engine.audio import decode_wav
+from diglett.engine.decision import NOISE, decide
+from diglett.engine.protocol import (
+    CLOSE_CODES,
+    KNOWN_TYPES,
+    ProtocolError,
+    parse_control,
+)
+from diglett.engine.session import Close, EnrollJob, EnrollWindowJob, FlushHeld, HopJob
+from diglett.engine.session import SessionEngine, Summary
 from diglett.settings import Settings
 
 FAST = settings(

@@ -1,5 +1,5 @@
 """Pure hold-back logic: which streams count as fast, and how long their
-frames may wait (diglett/holdback.py). The frame-by-frame equivalence with
+frames may wait (diglett/engine/holdback.py). The frame-by-frame equivalence with
 the engine is in test_session_engine.py."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diglett.audio import InputFormat
-from diglett.holdback import (
+from diglett.engine.audio import InputFormat
+from diglett.engine.holdback import (
     COALESCE_S,
     FAST_LEAD_S,
     HoldRule,

@@ -169,7 +169,7 @@ class _StreamingActor:
             return nothing()
 
     def remote(self, conn, frames):
-        from diglett.holdback import HoldRule
+        from diglett.engine.holdback import HoldRule
 
         self.calls.append((time.monotonic(), frames))
         self.bytes += sum(len(f[1]) for f in frames)

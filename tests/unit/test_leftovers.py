@@ -104,7 +104,7 @@ def serve_cli(port: int, tmp_path: Path) -> subprocess.CompletedProcess:
         "DIGLETT_MODEL_DIR": str(tmp_path / "no-model"),
     }
     return subprocess.run(
-        [sys.executable, "-m", "diglett.cli", "serve"],
+        [sys.executable, "-m", "serve_app.cli", "serve"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,12 +1,12 @@
-"""Sound levels and the energy gate (diglett.levels): pure numpy, no model."""
+"""Sound levels and the energy gate (diglett.engine.levels): pure numpy, no model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diglett import levels
-from diglett.levels import FRAME_SAMPLES, SILENCE_DBFS
+from diglett.engine import levels
+from diglett.engine.levels import FRAME_SAMPLES, SILENCE_DBFS
 
 SR = 16000
 

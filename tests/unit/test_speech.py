@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, load16, needs_speakers, utterances
-from diglett import speech
-from diglett.decision import ADAPT_MAX_WEIGHT, Adaptation, confident, normalize
-from diglett.session import Close, EnrollJob, EnrollWindowJob, HopJob, SessionEngine
-from diglett.session import clip_flags, enrollment_warnings, is_background
+from diglett.engine import speech
+from diglett.engine.decision import ADAPT_MAX_WEIGHT, Adaptation, confident, normalize
+from diglett.engine.session import (
+    Close,
+    EnrollJob,
+    EnrollWindowJob,
+    HopJob,
+    SessionEngine,
+)
+from diglett.engine.session import clip_flags, enrollment_warnings, is_background
 from diglett.settings import Settings
 
 SR = 16000

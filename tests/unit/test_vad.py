@@ -1,4 +1,4 @@
-"""Streaming Silero VAD (diglett.vad) on real speech: onnxruntime, no torch."""
+"""Streaming Silero VAD (diglett.engine.vad) on real speech: onnxruntime, no torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import load16, needs_speakers, utterances  # noqa: E402
 
-from diglett import vad  # noqa: E402
+from diglett.engine import vad  # noqa: E402
 
 pytestmark = [needs_speakers]
 

@@ -1,11 +1,11 @@
-"""Hop/window cutting (diglett.windowing.HopWindower)."""
+"""Hop/window cutting (diglett.engine.windowing.HopWindower)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diglett.windowing import HopWindower
+from diglett.engine.windowing import HopWindower
 
 HOP, WINDOW = 8000, 24000  # 0.5 s hops, 1.5 s windows at 16 kHz
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter
 from pydantic import ValidationError
 
-from diglett.decision import RESERVED_LABELS
+from diglett.engine.decision import RESERVED_LABELS
 
 MAX_TEXT_BYTES = 64 * 1024
 MAX_NAME_LEN = 64

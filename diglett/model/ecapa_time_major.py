@@ -2,7 +2,7 @@
 
 SpeechBrain keeps ECAPA's activations channel-major, (batch, channels,
 time). Its pointwise layers, once they are matrix products over channels
-(diglett/int8.py), want (batch, time, channels), so every one of them
+(diglett/model/int8.py), want (batch, time, channels), so every one of them
 copied its input into that layout and handed back a transposed view that
 the batch norm after it walked slowly. The worst was the attentive pooling:
 it concatenates the frames with their utterance mean and standard deviation
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diglett.int8 import PointwiseLinear
+from diglett.model.int8 import PointwiseLinear
 
 
 def _affine(bn: torch.nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:

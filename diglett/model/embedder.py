@@ -7,7 +7,7 @@ embedding to cosine 0.98 of the unpadded one, because the convolutions see
 the padding; exact-length groups keep batched and single results identical.
 Stream windows all have the same length, so in practice a batch is one group.
 
-Signals may be int16 (how windows travel, diglett/audio.py): a group of them
+Signals may be int16 (how windows travel, diglett/engine/audio.py): a group of them
 is stacked as int16 and scaled to float on the model's device, which on a
 GPU halves the bytes copied to it and takes the conversion off the CPU
 (17-30 ms a batch of 512 on this project's 2-core machine).
@@ -135,8 +135,8 @@ class Embedder:
         cls, model_dir: Path, device: str = "auto", cpu_precision: str = "fp32"
     ) -> "Embedder":
         """`cpu_precision` "int8" quantizes the model when it runs on the CPU
-        (see diglett/int8.py); a GPU always runs it in fp16 autocast."""
-        from diglett.model_store import load_encoder
+        (see diglett/model/int8.py); a GPU always runs it in fp16 autocast."""
+        from diglett.model.model_store import load_encoder
         from diglett.settings import CPU_PRECISIONS
 
         if cpu_precision not in CPU_PRECISIONS:
@@ -146,7 +146,7 @@ class Embedder:
         dev = pick_device(device)
         encoder = load_encoder(model_dir, dev)
         if dev == "cpu" and cpu_precision == "int8":
-            from diglett.int8 import quantize_int8
+            from diglett.model.int8 import quantize_int8
 
             encoder.mods.embedding_model = quantize_int8(encoder.mods.embedding_model)
         return cls(encoder, dev, cpu_precision=cpu_precision)
@@ -154,12 +154,12 @@ class Embedder:
     def use_compiled_int8(
         self, model_dir: Path, cache_dir: str | Path, threads: int
     ) -> str:
-        """Run this machine's compiled int8 package (diglett/compiled_int8.py)
+        """Run this machine's compiled int8 package (diglett/model/compiled_int8.py)
         if one is built for `threads` torch threads; otherwise start its
         build in the background (`cpu_int8_build`) for replicas started
         later, and keep the traced model. Returns what runs now: "compiled"
         or "traced"."""
-        from diglett import compiled_int8
+        from diglett.model import compiled_int8
 
         if self.device != "cpu" or self.precision != "int8":
             raise ValueError("only a CPU int8 model has a compiled form")
@@ -178,7 +178,7 @@ class Embedder:
         runs now. Called once, before the replica serves: a model is never
         swapped under live sessions, whose enrollments it embedded.
         """
-        from diglett import compiled_int8
+        from diglett.model import compiled_int8
 
         if self.cpu_int8 == "compiled":
             return True
@@ -197,7 +197,7 @@ class Embedder:
         """Raw (not length-normalised) embeddings, shape (192,) each, in order.
 
         Each signal has shape (n_i,), n_i > 0, at 16 kHz: float32 in [-1, 1]
-        or int16 (full scale 32768, see diglett.audio.to_int16).
+        or int16 (full scale 32768, see diglett.engine.audio.to_int16).
         """
         signals = [_at_least(s) for s in signals]
         out: list[np.ndarray | None] = [None] * len(signals)

@@ -15,18 +15,24 @@ from typing import Union
 
 import numpy as np
 
-from diglett import levels, speech
-from diglett.audio import AudioError, InputFormat, StreamResampler, check_format
-from diglett.audio import decode_frame
-from diglett.decision import NOISE, SILENCE, Adaptation, TalkStats, confident
-from diglett.decision import cosine_scores
-from diglett.decision import decide, enrollment_reference, normalize
-from diglett.decision import speaker_threshold
-from diglett.holdback import HoldRule
-from diglett.protocol import CLOSE_CODES, EndMsg, EnrollEndMsg, EnrollMsg, FormatMsg
-from diglett.protocol import ProtocolError, StreamMsg, error, parse_control
+from diglett.engine import levels, speech
+from diglett.engine.audio import AudioError, InputFormat, StreamResampler, check_format
+from diglett.engine.audio import decode_frame
+from diglett.engine.decision import NOISE, SILENCE, Adaptation, TalkStats, confident
+from diglett.engine.decision import cosine_scores
+from diglett.engine.decision import decide, enrollment_reference, normalize
+from diglett.engine.decision import speaker_threshold
+from diglett.engine.holdback import HoldRule
+from diglett.engine.protocol import (
+    CLOSE_CODES,
+    EndMsg,
+    EnrollEndMsg,
+    EnrollMsg,
+    FormatMsg,
+)
+from diglett.engine.protocol import ProtocolError, StreamMsg, error, parse_control
 from diglett.settings import SAMPLE_RATE, Settings
-from diglett.windowing import HopWindower
+from diglett.engine.windowing import HopWindower
 
 # Enrollment warnings (tests/unit/test_speech.py checks them on real
 # clips): the speech frames' level under QUIET_DBFS is `quiet` (the detector
@@ -313,7 +319,7 @@ class SessionEngine:
     # ------------------------------------------------------------- batching
     def hold_rule(self) -> HoldRule:
         """What a caller may hold back before this session has anything new
-        to answer (see diglett/holdback.py): the audio still missing from the
+        to answer (see diglett/engine/holdback.py): the audio still missing from the
         next hop while streaming (in the client's format, rounded down, less
         10 ms for the resampler's delay), `HOLD_MAX_BYTES` while enrolling
         (the audio is only needed at `enroll_end`), else nothing.

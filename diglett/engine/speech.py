@@ -2,7 +2,7 @@
 
 Two detectors behind one small interface (`SpeechDetector`):
 - `SileroDetector` (the default): Silero VAD on 32 ms frames, run with
-  onnxruntime, no torch (`diglett/vad.py`); chosen by `bench/vad_compare.py`
+  onnxruntime, no torch (`diglett/engine/vad.py`); chosen by `bench/vad_compare.py`
   over WebRTC VAD, TEN VAD and the level gate. It finds quiet talkers and
   rejects stationary noise that a level gate cannot tell from speech.
 - `EnergyDetector`: the level gate (20 ms frames at or above `gate_dbfs`),
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diglett import levels
+from diglett.engine import levels
 
 # Speech part of a window: a pause of at least PART_GAP_S ends a run; the
 # part is at least PART_MIN_S long and rounded up to PART_QUANTUM_S, so that
@@ -76,7 +76,7 @@ class SileroDetector(SpeechDetector):
     """Silero VAD's frames (32 ms, aligned to the stream's start)."""
 
     def __init__(self, threshold: float = SILERO_THRESHOLD) -> None:
-        from diglett import vad
+        from diglett.engine import vad
 
         self.frame_samples = vad.FRAME_SAMPLES
         self._vad = vad.create(threshold=threshold)

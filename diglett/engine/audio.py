@@ -64,7 +64,7 @@ def frame_error(data: bytes, fmt: InputFormat) -> AudioError | None:
 
     `frame_too_large` for more than 1 s of audio, `bad_audio` for a partial
     sample or non-finite floats. The ingress checks each frame once with it
-    (to know whether it may wait for more, `diglett/holdback.py`); the
+    (to know whether it may wait for more, `diglett/engine/holdback.py`); the
     session decodes it once, with `decode_frame`.
     """
     if len(data) > fmt.max_frame_bytes:

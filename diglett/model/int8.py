@@ -7,7 +7,7 @@ per frame, a plain matrix product over channels. Written as `nn.Linear` over
 GEMMs (fbgemm; AVX-512 VNNI where the CPU has it) with per-channel weight
 scales and per-batch activation scales. In SpeechBrain's layout the k=5 and
 dilated k=3 convolutions, batch norms, SE gates and the pooling arithmetic
-stay float32; the time-major network (diglett/ecapa_time_major.py) makes the
+stay float32; the time-major network (diglett/model/ecapa_time_major.py) makes the
 k>1 convolutions matrix products too, so they run int8 as well.
 
 Measured on the 2-core machine, batch 8 of 1.5 s windows, side by side
@@ -118,7 +118,7 @@ def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.M
     """`model` (ECAPA's embedding_model) made int8 for CPU inference, in
     place (a replica never needs the float copy, so none is made); returned.
 
-    An ECAPA then runs time-major (diglett/ecapa_time_major.py) and
+    An ECAPA then runs time-major (diglett/model/ecapa_time_major.py) and
     the network as a TorchScript trace; `time_major=False` keeps
     SpeechBrain's own eager model, for side-by-side benchmarks. Either runs
     one window at a time (OneWindowAtATime: `.model` is the network itself).
@@ -127,7 +127,7 @@ def quantize_int8(model: torch.nn.Module, time_major: bool = True) -> torch.nn.M
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    from diglett.ecapa_time_major import TimeMajorEcapa, is_ecapa
+    from diglett.model.ecapa_time_major import TimeMajorEcapa, is_ecapa
 
     converted = model.cpu().eval()
     if pointwise_as_linear(converted) == 0:

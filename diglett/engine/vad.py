@@ -1,6 +1,6 @@
 """Streaming voice-activity detection with Silero VAD (ONNX, no torch).
 
-Replaces the energy gate of `diglett/levels.py` where a model is wanted:
+Replaces the energy gate of `diglett/engine/levels.py` where a model is wanted:
 chosen by `bench/vad_compare.py` (see bench/results/vad_compare.json).
 
 The model is the Silero VAD v6 network shipped inside the `silero-vad`

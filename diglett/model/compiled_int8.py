@@ -1,6 +1,6 @@
 """Int8 ECAPA compiled ahead of time for this machine's CPU, built once, cached.
 
-The traced int8 model (diglett/int8.py) rests on two APIs torch 2.11
+The traced int8 model (diglett/model/int8.py) rests on two APIs torch 2.11
 deprecates: `torch.ao` dynamic quantization and TorchScript. This is the
 way on: torchao's int8 (`Int8DynamicActivationInt8WeightConfig`) on the
 same time-major network, `torch.export`ed with the batch and the frames as
@@ -28,7 +28,7 @@ the whole forward (pytorch/pytorch#197516), which in a replica stalls the
 event loop for every batch (a busy Python thread beside it ran 89 loop
 iterations in 4 s instead of ~45,000).
 
-    python -m diglett.compiled_int8 --model-dir DIR --out FILE.pt2 --threads N
+    python -m diglett.model.compiled_int8 --model-dir DIR --out FILE.pt2 --threads N
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("diglett.compiled_int8")
+logger = logging.getLogger("diglett.model.compiled_int8")
 
 FORMAT = 1  # bump when the network or the build changes
 MAX_BATCH = 1024  # the package's dynamic range; beyond it the traced model runs
@@ -184,8 +184,8 @@ def quantized_network(ecapa: torch.nn.Module) -> torch.nn.Module:
 
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    from diglett.ecapa_time_major import TimeMajorEcapa
-    from diglett.int8 import pointwise_as_linear
+    from diglett.model.ecapa_time_major import TimeMajorEcapa
+    from diglett.model.int8 import pointwise_as_linear
 
     net = copy.deepcopy(ecapa).cpu().eval()
     if pointwise_as_linear(net) == 0:
@@ -214,7 +214,7 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
     whole and checked (a temporary file renamed)."""
     import warnings
 
-    from diglett.model_store import load_encoder
+    from diglett.model.model_store import load_encoder
 
     torch.set_num_threads(threads)  # the generated parallel loops use this
     encoder = load_encoder(model_dir, "cpu")
@@ -254,7 +254,7 @@ class CompiledEcapa(torch.nn.Module):
     """The package in `embedding_model`'s place: forward(x: (B, T, 80),
     lengths: (B,) all 1) -> (B, 1, 192). Shapes outside the package's
     range, and partial lengths, go to `fallback` (the traced model, which
-    runs one window at a time: diglett/int8.py, OneWindowAtATime)."""
+    runs one window at a time: diglett/model/int8.py, OneWindowAtATime)."""
 
     def __init__(self, runner, fallback: torch.nn.Module) -> None:
         super().__init__()
@@ -309,7 +309,7 @@ def start_build(
     cmd = [
         sys.executable,
         "-m",
-        "diglett.compiled_int8",
+        "diglett.model.compiled_int8",
         "--model-dir",
         str(model_dir),
         "--out",

@@ -145,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not _check_port(settings):
         return 2
-    from diglett.model_store import ModelNotFoundError, resolve_model_dir
+    from diglett.model.model_store import ModelNotFoundError, resolve_model_dir
 
     try:
         model_dir = resolve_model_dir(settings, progress=True)
@@ -210,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
-    from diglett.model_store import ModelNotFoundError, fetch_model
+    from diglett.model.model_store import ModelNotFoundError, fetch_model
 
     try:
         path = fetch_model(Settings.from_env())

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diglett.audio import InputFormat, frame_error
+from diglett.engine.audio import InputFormat, frame_error
 
 Frame = tuple[bool, "str | bytes", float]  # (is_text, payload, receive time)
 
