@@ -14,11 +14,9 @@ new head would know no actors, nodes or names, and the resume would fail.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,10 +25,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import ROOT, free_ports, load16, model_dir, needs_model
-from conftest import needs_speakers, to_s16, utterances
-from serve_app.serve_env import apply_serve_env
-from test_multinode import DRIVER, Node, alive, http_json, node_args, wait_for
+from conftest import free_ports, load16, needs_model, needs_speakers, to_s16
+from conftest import utterances
+from local_cluster import Node, cluster_env, local_cluster, wait_for
 
 REDIS = shutil.which("redis-server")
 pytestmark = [
@@ -44,7 +41,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cluster():
     tmp = Path(tempfile.mkdtemp(prefix="dgft-", dir="/tmp"))  # short: socket paths
-    gcs, dash, client, http, redis_port, *rest = free_ports(5 + 2 * 6)
+    (redis_port,) = free_ports(1)
     password = secrets.token_hex(16)
     redis = subprocess.Popen(
         [REDIS, "--port", str(redis_port), "--bind", "127.0.0.1"]
@@ -53,91 +50,47 @@ def cluster():
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    apply_serve_env(env)
-    env.update(
-        DIGLETT_MODEL_DIR=str(model_dir()),
-        DIGLETT_DEVICE="cpu",
+    env = cluster_env(
         DIGLETT_EMBEDDER="noop",  # the GCS is under test, not the model
-        DIGLETT_SESSION_RESOURCE="diglett_session",
-        DIGLETT_EMBED_RESOURCE="diglett_embed",
         DIGLETT_SESSION_TTL_S="120",
-        DIGLETT_API_TOKEN="",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="disabled",
-        OMP_NUM_THREADS="1",
     )
-    head_env = {**env, "RAY_REDIS_ADDRESS": f"127.0.0.1:{redis_port}"}
     specs = {
         "head": (1, {"diglett_ingress": 1, "diglett_embed": 1}),
         "sessions": (1, {"diglett_session": 100}),
     }
-    nodes: dict[str, Node] = {}
-    dash_url = f"http://127.0.0.1:{dash}"
     try:
-        for i, (name, (cpus, res)) in enumerate(specs.items()):
-            p = rest[i * 6 : i * 6 + 6]
-            args = node_args(p[:5], p[5], cpus, res)
-            if name == "head":
-                head_args = args = args + [
-                    "--head",
-                    f"--port={gcs}",
-                    f"--ray-client-server-port={client}",
-                    f"--redis-password={password}",
-                    "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}",
-                    f"--temp-dir={tmp}",
+        with local_cluster(
+            specs,
+            env,
+            prefix="dgft-",
+            tmp=tmp,
+            head_env={**env, "RAY_REDIS_ADDRESS": f"127.0.0.1:{redis_port}"},
+            head_extra=(f"--redis-password={password}",),
+        ) as c:
+            nodes = c["nodes"]
+
+            def restart_head() -> None:
+                """Kill the head node at once and start a new one in its place
+                (`ray start` refuses while the old GCS process is still there)."""
+                nodes.pop("head").kill()
+                flag = f"--gcs_server_port={c['gcs'].rsplit(':', 1)[1]}"
+                for proc in psutil.process_iter(["cmdline"]):
+                    if flag in (proc.info["cmdline"] or []):
+                        proc.kill()
+                        proc.wait(timeout=30)
+                # A fresh temp dir, as a new pod's: in the old one `ray start`
+                # would take the sessions node's raylet (on this same machine,
+                # pointing at the same address) for a GCS still running.
+                args = [
+                    f"--temp-dir={tmp / 'h2'}" if a.startswith("--temp-dir=") else a
+                    for a in c["head_args"]
                 ]
-                nodes[name] = Node(name, args, head_env, tmp / f"{name}.log")
-                wait_for(
-                    "the dashboard", lambda: http_json(dash_url + "/api/version"), 90
-                )
-            else:
-                args += [f"--address=127.0.0.1:{gcs}"]
-                nodes[name] = Node(name, args, env, tmp / f"{name}.log")
-            wait_for(f"{i + 1} alive nodes", lambda: alive(dash_url) == i + 1, 90)
-        subprocess.run(
-            [sys.executable, "-c", DRIVER, f"127.0.0.1:{gcs}", str(http)],
-            env=env,
-            cwd=ROOT,
-            check=True,
-            timeout=240,
-        )
-        base = f"http://127.0.0.1:{http}"
-        wait_for("/healthz", lambda: http_json(base + "/healthz")[0] == 200, 120)
+                nodes["head"] = Node("head", args, c["head_env"], tmp / "head2.log")
 
-        def restart_head() -> None:
-            """Kill the head node at once and start a new one in its place
-            (`ray start` refuses while the old GCS process is still there)."""
-            nodes.pop("head").kill()
-            flag = f"--gcs_server_port={gcs}"
-            for proc in psutil.process_iter(["cmdline"]):
-                if flag in (proc.info["cmdline"] or []):
-                    proc.kill()
-                    proc.wait(timeout=30)
-            # A fresh temp dir, as a new pod's: in the old one `ray start`
-            # would take the sessions node's raylet (on this same machine,
-            # pointing at the same address) for a GCS still running.
-            args = [
-                f"--temp-dir={tmp / 'h2'}" if a.startswith("--temp-dir=") else a
-                for a in head_args
-            ]
-            nodes["head"] = Node("head", args, head_env, tmp / "head2.log")
-
-        yield {"ws": f"ws://127.0.0.1:{http}/v1/stream", "restart_head": restart_head}
-    except BaseException:
-        for node in nodes.values():
-            print(f"--- {node.name} (exit {node.proc.poll()}):")
-            print(node.log_path.read_text(errors="replace")[-3000:])
-        raise
+            yield {"ws": c["ws"], "restart_head": restart_head}
     finally:
-        for node in reversed(list(nodes.values())):
-            node.kill()
         redis.kill()
         redis.wait(timeout=30)
-        if not os.environ.get("DIGLETT_KEEP_TEST_LOGS"):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def recv(ws, timeout: float = 60.0) -> dict:

@@ -19,218 +19,38 @@ then watch the embedding tier scale on its models' busy share.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import ROOT, load16, model_dir, needs_model, needs_speakers, to_s16
-from conftest import free_ports, utterances
+from conftest import ROOT, load16, needs_model, needs_speakers, to_s16, utterances
 from actors.session_actor import actor_name
-from serve_app.serve_env import apply_serve_env
+from local_cluster import cluster_env, local_cluster, wait_for
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
-
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
-
-
-class Node:
-    """One `ray start --block` node in its own process group."""
-
-    def __init__(self, name: str, args: list[str], env: dict, log: Path) -> None:
-        self.name = name
-        self.metrics_port = int(args[args.index("--metrics-export-port") + 1])
-        self.log_path = log
-        self.log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [RAY, "start", "--block", *args],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL the whole node at once, as a crashed machine: raylet,
-        agents and its workers (which the raylet may start in process groups
-        of their own, and which outlive it for seconds if left alone), and
-        the fork server's workers, which are not the raylet's descendants."""
-        import psutil
-
-        from actors.fork_server import with_forked_workers
-
-        try:
-            procs = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            procs = []
-        procs = with_forked_workers(procs)  # its SessionActors too
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(timeout=30)
-
-
-def node_args(ports: list[int], metrics_port: int, cpus: int, resources: dict):
-    nm, om, agent_http, agent_grpc, renv = ports
-    return [
-        "--node-ip-address=127.0.0.1",
-        f"--num-cpus={cpus}",
-        "--num-gpus=0",
-        f"--resources={json.dumps(resources)}",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={renv}",
-        "--metrics-export-port",
-        str(metrics_port),
-        f"--object-store-memory={100 * 2**20}",
-        "--disable-usage-stats",
-    ]
-
-
-def http_json(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, json.loads(r.read() or b"null")
-
-
-def alive(dash_url: str) -> int:
-    from ray.util.state import list_nodes
-
-    return len(list_nodes(address=dash_url, filters=[("state", "=", "ALIVE")]))
-
-
-def wait_for(what: str, fn, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-        except Exception as exc:
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
-
-
-DRIVER = """
-import os, sys
-import ray
-from ray import serve
-import serve_app.app as appmod
-from serve_app.ingress import Ingress
-
-ray.init(address=sys.argv[1], log_to_driver=False)
-serve.start(proxy_location="HeadOnly",
-            http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
-# The Ingress lives on the head, beside the only proxy.
-appmod.Ingress = Ingress.options(
-    ray_actor_options={"num_cpus": 0, "resources": {"diglett_ingress": 0.01}})
-serve.run(appmod.build_app(), name="diglett", route_prefix="/")
-print("deployed", flush=True)
-"""
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    mdir = model_dir()
-    tmp = Path(tempfile.mkdtemp(prefix="dgmn-", dir="/tmp"))  # short: socket paths
-    gcs, dash, client, http, *rest = free_ports(4 + 3 * 6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    apply_serve_env(env)  # every `ray start` node: HAProxy, throughput mode
-    env.update(
-        DIGLETT_MODEL_DIR=str(mdir),
-        DIGLETT_DEVICE="cpu",
-        DIGLETT_SESSION_RESOURCE="diglett_session",
-        DIGLETT_EMBED_RESOURCE="diglett_embed",
+    env = cluster_env(
         DIGLETT_SESSION_TTL_S="30",
         # Opt-in: checked below, one fork server per node.
         DIGLETT_SESSION_FORK="1",
-        DIGLETT_API_TOKEN="",
-        RAY_USAGE_STATS_ENABLED="0",
-        # Ray 2.60 turns token auth on for new local clusters; this private
-        # test cluster listens on 127.0.0.1 only.
-        RAY_AUTH_MODE="disabled",
         RAY_metrics_report_interval_ms="1000",
-        OMP_NUM_THREADS="1",
     )
     specs = {
         "head": (1, {"diglett_session": 100, "diglett_ingress": 1}),
         "embed": (1, {"diglett_embed": 1}),
         "sessions": (1, {"diglett_session": 100}),
     }
-    nodes: dict[str, Node] = {}
-    dash_url = f"http://127.0.0.1:{dash}"
-    try:
-        for i, (name, (cpus, res)) in enumerate(specs.items()):
-            p = rest[i * 6 : i * 6 + 6]
-            args = node_args(p[:5], p[5], cpus, res)
-            if name == "head":
-                args += [
-                    "--head",
-                    f"--port={gcs}",
-                    f"--ray-client-server-port={client}",
-                    "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}",
-                    f"--temp-dir={tmp}",
-                ]
-            else:
-                args += [f"--address=127.0.0.1:{gcs}"]
-            nodes[name] = Node(name, args, env, tmp / f"{name}.log")
-            if name == "head":
-                wait_for(
-                    "the dashboard", lambda: http_json(dash_url + "/api/version"), 90
-                )
-            # One node at a time: nodes joining together race for the same
-            # socket and log names in the shared session folder.
-            wait_for(f"{i + 1} alive nodes", lambda: alive(dash_url) == i + 1, 90)
-        subprocess.run(
-            [sys.executable, "-c", DRIVER, f"127.0.0.1:{gcs}", str(http)],
-            env=env,
-            cwd=ROOT,
-            check=True,
-            timeout=240,
-        )
-        base = f"http://127.0.0.1:{http}"
-        wait_for("/healthz", lambda: http_json(base + "/healthz")[0] == 200, 120)
-        yield {
-            "gcs": f"127.0.0.1:{gcs}",
-            "env": env,
-            "dash": dash_url,
-            "http": base,
-            "ws": f"ws://127.0.0.1:{http}/v1/stream",
-            "nodes": nodes,
-            "tmp": tmp,
-        }
-    except BaseException:
-        for node in nodes.values():  # say why, before the logs go
-            print(f"--- {node.name} (exit {node.proc.poll()}):")
-            print(node.log_path.read_text(errors="replace")[-3000:])
-        raise
-    finally:
-        for node in reversed(list(nodes.values())):
-            node.kill()
-        if not os.environ.get("DIGLETT_KEEP_TEST_LOGS"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    with local_cluster(specs, env, prefix="dgmn-") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
