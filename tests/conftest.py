@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,21 @@ def load16(path: Path) -> np.ndarray:
 
 
 to_s16 = encode_s16
+
+
+def fresh_python(code: str, env: dict) -> str:
+    """The last line `code` prints in a fresh interpreter with `env`, run
+    from the repository root (for what a module reads at import time)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
 
 
 def free_ports(n: int) -> list[int]:

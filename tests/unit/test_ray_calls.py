@@ -4,14 +4,10 @@ for it (off when serving)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 from bench.ray_calls import count_calls, short_class
-
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import fresh_python
 
 
 def _task(tid, name, actor="", parent="", kind="ACTOR_TASK", at=1000):
@@ -66,16 +62,7 @@ def _task_events(env: dict) -> str:
         "print(SessionActor._default_options['enable_task_events'], "
         "EmbedBatcher._default_options['enable_task_events'])"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.split("\n")[-2]
+    return fresh_python(code, env)
 
 
 def test_task_events_are_off_unless_a_measurement_turns_them_on():

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
+from conftest import fresh_python
 from serve_app.serve_env import SERVE_ENV, apply_serve_env
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _constants_seen_by_ray(env: dict[str, str]) -> dict:
@@ -24,16 +20,7 @@ def _constants_seen_by_ray(env: dict[str, str]) -> dict:
         names = [n for n in dir(c) if n.startswith("RAY_SERVE_")]
         print(json.dumps({n: getattr(c, n) for n in names}, default=str))
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(fresh_python(code, env))
 
 
 def test_ray_reads_every_variable_we_set_and_keeps_its_own_port_rule():
