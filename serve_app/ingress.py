@@ -3,7 +3,8 @@
 Per WebSocket connection it creates (or, on resume, finds) a SessionActor
 and hands the socket to the stream pump. Its parts, by job: the routes,
 the checks before a session opens (token, origin, limits) and the opening
-here; the pump in serve_app/pump.py; the warm pool of SessionActors, and
+here; the `/v1/embeddings` upload in serve_app/uploads.py; the pump in
+serve_app/pump.py; the warm pool of SessionActors, and
 their recycling, in serve_app/pool.py; recovery from a dead actor in
 serve_app/recovery.py.
 """
@@ -17,7 +18,6 @@ import logging
 import secrets
 import time
 
-import numpy as np
 import ray
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
@@ -33,7 +33,6 @@ from actors.session_actor import (
     actor_name,
 )
 from diglett import __version__, logging_setup
-from diglett.engine import levels
 from diglett.engine.access import (
     accepted_subprotocol,
     given_resume_token,
@@ -46,8 +45,6 @@ from diglett.engine.client_limits import (
     client_keys,
     forwarded_for,
 )
-from diglett.engine.audio import AudioError, decode_wav
-from diglett.model.embedder import EMBEDDING_DIM
 from diglett.priority import lower_cpu_priority
 from diglett.settings import Settings
 from serve_app import metrics, recovery
@@ -57,6 +54,7 @@ from serve_app.placement import session_actor_options
 from serve_app.pool import SessionPool
 from serve_app.pump import _fatal, pump
 from serve_app.serve_env import ROUTE_PROXY, request_route
+from serve_app.uploads import ErrorOut, EmbeddingOut, embed_upload, unauthorized
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,33 +92,6 @@ class Info(BaseModel):
     # Audio each label waits for past its hop (docs/protocol.md); 0: none.
     lookahead_s: float = 0.0
     version: str
-
-
-class EmbeddingOut(BaseModel):
-    embedding: list[float]
-    dim: int
-    duration_s: float
-    level_dbfs: float
-
-
-class ErrorOut(BaseModel):
-    code: str
-    message: str
-
-
-def upload_cap(max_upload_s: float) -> int:
-    """Most bytes a `/v1/embeddings` body may have: `max_upload_s` of the
-    largest WAV accepted (96 kHz, 8 channels, 32-bit), plus 1 MB of headers
-    and multipart framing."""
-    return int(max_upload_s * 96000 * 8 * 4) + 1_000_000
-
-
-def _unauthorized() -> JSONResponse:
-    return _bad(401, "unauthorized", "missing or wrong API token")
-
-
-def _bad(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
 @serve.deployment(
@@ -175,7 +146,7 @@ class Ingress:
     async def info(self, request: Request):
         """The session-independent values of the `ready` message."""
         if not self._authorized(request):
-            return _unauthorized()
+            return unauthorized()
         return {**self.settings.info(), "version": __version__}
 
     @app.post(
@@ -196,43 +167,8 @@ class Ingress:
         read; decoding runs in a thread, off the replica's event loop.
         """
         if not self._authorized(request):
-            return _unauthorized()
-        cap = upload_cap(self.settings.max_upload_s)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cap:
-            return _bad(413, "too_long", f"upload larger than {cap} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                return _bad(413, "too_long", f"upload larger than {cap} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        data = body
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            request._body = body  # let Starlette parse what we already read
-            try:
-                form = await request.form()
-            except Exception as exc:
-                return _bad(400, "bad_audio", f"unreadable multipart body: {exc}")
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                return _bad(400, "bad_audio", "multipart field 'file' is missing")
-            data = await upload.read()
-        try:
-            audio, duration = await asyncio.to_thread(
-                decode_wav, data, self.settings.max_upload_s
-            )
-        except AudioError as exc:
-            status = 413 if exc.code == "too_long" else 400
-            return _bad(status, exc.code, str(exc))
-        [emb] = await self.embedder.embed.remote([audio])
-        return {
-            "embedding": np.asarray(emb, dtype=float).tolist(),
-            "dim": EMBEDDING_DIM,
-            "duration_s": round(duration, 4),
-            "level_dbfs": round(levels.rms_dbfs(audio), 2),
-        }
+            return unauthorized()
+        return await embed_upload(request, self.settings.max_upload_s, self.embedder)
 
     # ------------------------------------------------------------- WebSocket
     @app.websocket("/v1/stream")
