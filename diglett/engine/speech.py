@@ -21,10 +21,11 @@ import numpy as np
 
 from diglett.engine import levels
 
-# Speech part of a window: a pause of at least PART_GAP_S ends a run; the
-# part is at least PART_MIN_S long and rounded up to PART_QUANTUM_S, so that
-# windows come in few lengths (a model batch holds windows of one length).
-PART_GAP_S = 0.19
+# Speech part of a window: a pause of at least PART_GAP_S (two Silero
+# frames) ends a run; the part is at least PART_MIN_S long and rounded up to
+# PART_QUANTUM_S, so that windows come in few lengths (a model batch holds
+# windows of one length). Chosen by bench/cv_decision.py (docs/accuracy.md).
+PART_GAP_S = 0.064
 PART_MIN_S = 0.75
 PART_QUANTUM_S = 0.25
 SILERO_THRESHOLD = 0.5  # a 32 ms frame is speech at this probability
