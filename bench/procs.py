@@ -14,7 +14,9 @@ import psutil
 from actors.fork_server import with_forked_workers
 
 # (name, what its command line holds), the first match wins; Ray's process
-# titles are `ray::<Actor class>`, its binaries raylet and gcs_server.
+# titles are `ray::<Actor class>`, its binaries raylet and gcs_server. HAProxy
+# (Serve's, started by its HAProxyManager actor) carries every WebSocket
+# message; every node runs a dashboard agent and a runtime-env agent.
 ROLES = (
     ("model", "EmbeddingDeployment"),
     ("ingress", "Ingress"),
@@ -24,6 +26,8 @@ ROLES = (
     ("controller", "ServeController"),
     ("raylet", "raylet"),
     ("gcs", "gcs_server"),
+    ("haproxy", "haproxy"),
+    ("agents", "Agent"),
 )
 TITLES = dict(ROLES)
 
