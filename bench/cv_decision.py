@@ -52,6 +52,7 @@ def _engine_path(argv) -> None:
 _engine_path(sys.argv)
 
 from bench import devset  # noqa: E402
+from bench.doc_blocks import write_block  # noqa: E402
 from bench import metrics as mt  # noqa: E402
 from bench import tune_decision as td  # noqa: E402
 from bench.embed_cache import EmbedCache  # noqa: E402
@@ -372,17 +373,6 @@ def markdown(res: dict, today: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-BEGIN, END = "<!-- cv_decision:begin -->", "<!-- cv_decision:end -->"
-
-
-def write_block(path: Path, text: str) -> None:
-    """Put `text` between the markers in `path` (the rest of it stays)."""
-    old = path.read_text() if path.is_file() else f"{BEGIN}\n{END}\n"
-    head, _, rest = old.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-condition", type=int, default=4)
@@ -428,7 +418,7 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
     table = markdown(res, today)
     if args.table:
-        write_block(Path(args.table), table)
+        write_block(Path(args.table), "cv_decision", table)
     print(table)
     print(f"chosen: {res['chosen']}; run time {res['runtime_s']} s; wrote {args.out}")
     return 0

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class SessionResult:
     windows: int = 0  # labels that needed an embedding
     labels: int = 0
     error: str = ""
+    session_id: str = ""  # from `ready`
+    sent_samples: int = 0  # of the stream
+    summary_labels: int = -1  # labels the server says it sent (`summary`)
     enroll_s: float = 0.0  # from its first enroll message to its last `enrolled`
     stream_t: float = 0.0  # when its first stream frame was sent (monotonic)
     last_label_t: float = 0.0
@@ -90,6 +94,7 @@ async def _session(
     conn = None
     try:
         conn = await hn.connect(srv, on_label, on_error)
+        res.session_id = conn.ready["session_id"]
         t_enroll = time.monotonic()
         for name, x in enrolls:
             await hn.enroll(conn, name, x)
@@ -97,10 +102,10 @@ async def _session(
         await conn.send_json({"type": "stream"})
         res.stream_t = time.monotonic()
         chunk = 1600 if speed == 1.0 else 16000
-        await hn.stream(
+        res.sent_samples = await hn.stream(
             conn, conv, chunk, speed, clock=clock, seconds=seconds, offset=start
         )
-        await hn.finish(conn)
+        res.summary_labels = (await hn.finish(conn))["labels"]
     except Exception as exc:  # a broken session is a result, not a crash
         res.error = res.error or hn.error_code(exc)
     finally:
@@ -119,8 +124,14 @@ async def _all_streaming(results: list[SessionResult]) -> list[float]:
     return [r.stream_t for r in results if r.stream_t]
 
 
+CpuSnapshot = Callable[[], dict[int, tuple[str, float]]]  # procs.cpu_by_pid
+
+
 async def _steady(
-    results: list[SessionResult], step_s: float, settle_s: float = 3.0
+    results: list[SessionResult],
+    step_s: float,
+    settle_s: float = 3.0,
+    cpu_snapshot: CpuSnapshot = procs.cpu_by_pid,
 ) -> dict:
     """The step's steady state: the server's CPU and the windows labelled
     while every session streams (from `settle_s` after the last one started
@@ -134,9 +145,9 @@ async def _steady(
     if t_b - t_a < 5.0:
         return {}
     await asyncio.sleep(t_a - time.monotonic())
-    cpu_a = procs.cpu_by_pid()
+    cpu_a = cpu_snapshot()
     await asyncio.sleep(t_b - time.monotonic())
-    cpu_b = procs.cpu_by_pid()
+    cpu_b = cpu_snapshot()
     by_role = procs.cpu_by_role(
         cpu_a, cpu_b
     )  # a process started meanwhile counts whole
@@ -222,16 +233,31 @@ def _stream_rate(results: list[SessionResult]) -> float:
     return round(sum(r.windows for r in streamed) / span, 1)
 
 
-async def _step(args, srv: Server, enrolls, conv, n: int) -> dict:
+async def step(
+    args,
+    srv: Server,
+    enrolls,
+    conv,
+    n: int,
+    *,
+    cpu_snapshot: CpuSnapshot = procs.cpu_by_pid,
+    results: list[SessionResult] | None = None,
+) -> dict:
+    """`n` sessions for `args.step_s` (`args.fast`, `.speed`, `.burst`);
+    the step's row. `cpu_snapshot` reads the server's processes (its roles
+    are the row's); `results`, when given, are the sessions' (n of them),
+    for the caller to watch while they run."""
     speed = 0.0 if args.fast else args.speed
     psutil.cpu_percent(None)
-    cpu0 = procs.cpu_by_pid()
+    cpu0 = cpu_snapshot()
     own0 = sum(psutil.Process().cpu_times()[:2])
     seen = dict(cpu0)
-    tracker = asyncio.create_task(procs.track_cpu(seen))
+    tracker = asyncio.create_task(procs.track_cpu(seen, snapshot=cpu_snapshot))
     t0 = time.monotonic()
-    results = [SessionResult() for _ in range(n)]
-    steady = asyncio.create_task(_steady(results, args.step_s))
+    results = results if results is not None else [SessionResult() for _ in range(n)]
+    steady = asyncio.create_task(
+        _steady(results, args.step_s, cpu_snapshot=cpu_snapshot)
+    )
     burst = (
         asyncio.create_task(_burst(args, srv, enrolls, results)) if args.burst else None
     )
@@ -244,7 +270,7 @@ async def _step(args, srv: Server, enrolls, conv, n: int) -> dict:
     wall = time.monotonic() - t0
     cpu = psutil.cpu_percent(None)
     tracker.cancel()
-    seen.update(procs.cpu_by_pid())
+    seen.update(cpu_snapshot())
     by_role = procs.cpu_by_role(cpu0, seen)
     server_cpu = sum(by_role.values())
     windows = max(1, sum(r.windows for r in results))
@@ -261,6 +287,10 @@ async def _step(args, srv: Server, enrolls, conv, n: int) -> dict:
         "held": held,
         "errors": sorted({r.error for r in results if r.error}),
         "labels": sum(r.labels for r in results),
+        # What the server says it sent (each session's `summary`), and the
+        # hops the sessions sent audio for (the last, shorter one included).
+        "summary_labels": sum(max(0, r.summary_labels) for r in results),
+        "hops_sent": sum(-(-r.sent_samples // hn.HOP_SAMPLES) for r in results),
         "windows_per_s": round(sum(r.windows for r in results) / wall, 1),
         "labels_per_s": round(sum(r.labels for r in results) / wall, 1),
         # While streaming: from the first stream frame sent to the last label
@@ -362,7 +392,7 @@ def main() -> int:
         if not args.url:  # the first step starts on a full pool
             print(f"warm pool filled in {procs.wait_for_pool():.1f} s", flush=True)
         for n in [int(x) for x in args.steps.split(",")]:
-            rows.append(asyncio.run(_step(args, srv, enrolls, conv, n)))
+            rows.append(asyncio.run(step(args, srv, enrolls, conv, n)))
     args.out.mkdir(parents=True, exist_ok=True)
     tag = ("noop" if args.noop else "ecapa") + (
         "-fast" if args.fast else f"-x{args.speed:g}" if args.speed != 1 else ""

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import psutil
 
 from actors.fork_server import with_forked_workers
 
 # (name, what its command line holds), the first match wins; Ray's process
-# titles are `ray::<Actor class>`, its binaries raylet and gcs_server.
+# titles are `ray::<Actor class>`, its binaries raylet and gcs_server. HAProxy
+# (Serve's, started by its HAProxyManager actor) carries every WebSocket
+# message; every node runs a dashboard agent and a runtime-env agent.
 ROLES = (
     ("model", "EmbeddingDeployment"),
     ("ingress", "Ingress"),
@@ -24,6 +27,8 @@ ROLES = (
     ("controller", "ServeController"),
     ("raylet", "raylet"),
     ("gcs", "gcs_server"),
+    ("haproxy", "haproxy"),
+    ("agents", "Agent"),
 )
 TITLES = dict(ROLES)
 
@@ -79,12 +84,17 @@ def cpu_by_role(before: dict, after: dict) -> dict[str, float]:
     return roles
 
 
-async def track_cpu(seen: dict, every_s: float = 1.0) -> None:
+async def track_cpu(
+    seen: dict,
+    every_s: float = 1.0,
+    snapshot: Callable[[], dict[int, tuple[str, float]]] = cpu_by_pid,
+) -> None:
     """Keep `seen` ({pid: (role, CPU s)}) at each server process's latest
-    reading, so that processes which end before the measurement does (a
-    session's SessionActor ends with it) still count, less their last second."""
+    reading (`snapshot`'s), so that processes which end before the
+    measurement does (a session's SessionActor ends with it) still count,
+    less their last second."""
     while True:
-        seen.update(cpu_by_pid())
+        seen.update(snapshot())
         await asyncio.sleep(every_s)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bench.local_cluster import free_ports  # noqa: F401  (the tests' too)
 from diglett.engine.audio import encode_s16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,19 +99,6 @@ def fresh_python(code: str, env: dict) -> str:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct TCP ports of 127.0.0.1 that were free just now."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 
 from conftest import free_ports, load16, needs_model, needs_speakers, to_s16
 from conftest import utterances
-from local_cluster import Node, cluster_env, local_cluster, wait_for
+from bench.local_cluster import Node, cluster_env, local_cluster, wait_for
 
 REDIS = shutil.which("redis-server")
 pytestmark = [

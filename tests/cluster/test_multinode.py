@@ -29,9 +29,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import ROOT, load16, needs_model, needs_speakers, to_s16, utterances
+from conftest import ROOT, load16, model_dir, needs_model, needs_speakers, to_s16
+from conftest import utterances
 from actors.session_actor import actor_name
-from local_cluster import cluster_env, local_cluster, wait_for
+from bench.local_cluster import cluster_env, local_cluster, wait_for
 
 pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
 
@@ -39,6 +40,7 @@ pytestmark = [needs_model, needs_speakers, pytest.mark.serve]
 @pytest.fixture(scope="module")
 def cluster():
     env = cluster_env(
+        DIGLETT_MODEL_DIR=str(model_dir()),
         DIGLETT_SESSION_TTL_S="30",
         # Opt-in: checked below, one fork server per node.
         DIGLETT_SESSION_FORK="1",

