@@ -17,6 +17,8 @@
 # <phase>.json and .log, nvidia-smi.txt, gpu_util.csv (the GPU's busy share
 # every 0.5 s). DIGLETT_GPU_BENCH_ARGS is appended to every phase's
 # arguments (to rehearse on a CPU: --device cpu and small steps).
+# Label agreement (GPU fp16 against CPU fp32) needs the real weights, which
+# do not fit beside .whl: a second call, carrying .agree (bench/gpu_agreement.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/diglett-gpu}"
