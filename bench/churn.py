@@ -41,12 +41,6 @@ from bench.harness import RESULTS, SPEAKERS, Server
 from bench.sessions_start import _one
 
 
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine spent outside its idle loop so far."""
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
-
-
 async def _waves(args, srv: Server, enrolls, conv) -> tuple[list, set[int]]:
     """Run the waves; returns the sessions' results and every SessionActor
     pid seen meanwhile (sampled often: each lives for a whole session)."""
@@ -83,10 +77,14 @@ def run_one(args) -> dict:
         time.sleep(3.0)
         pooled = set(procs.session_pids())
         own = psutil.Process()
-        busy0, own0, t0 = _busy_cpu_s(), sum(own.cpu_times()[:2]), time.monotonic()
+        busy0, own0, t0 = (
+            procs.machine_busy_s(),
+            sum(own.cpu_times()[:2]),
+            time.monotonic(),
+        )
         results, seen = asyncio.run(_waves(args, srv, enrolls, conv))
         wall = time.monotonic() - t0
-        server_cpu = _busy_cpu_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
+        server_cpu = procs.machine_busy_s() - busy0 - (sum(own.cpu_times()[:2]) - own0)
         uss = [u for u, _ in procs.session_memory()["actor"]]  # the pool, after
     n = len(results)
     ready = np.array([r for r, _ in results])

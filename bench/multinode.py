@@ -150,13 +150,6 @@ def memory_by_node(nodes: Mapping[str, Node]) -> dict[str, dict]:
     return {name: procs.memory_by_role(ps) for name, ps in members.items()}
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the machine's cores have been busy, all processes'."""
-    t = psutil.cpu_times()
-    guests = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # in user
-    return sum(t) - guests - t.idle - getattr(t, "iowait", 0.0)
-
-
 def ours_s() -> float:
     """CPU seconds of the cluster's processes and of this one (the clients)."""
     own = sum(psutil.Process().cpu_times()[:2])
@@ -191,12 +184,12 @@ def run_cluster(args, n: int, enrolls, conv) -> dict:
         if not wait_until_healthy(c["http"], timeout_s=60):
             print("multinode: the direct route is not up; sessions may be slower")
         pool_s = procs.wait_for_pool()
-        busy0, ours0, t0 = machine_busy_s(), ours_s(), time.monotonic()
+        busy0, ours0, t0 = procs.machine_busy_s(), ours_s(), time.monotonic()
         row, placed = asyncio.run(
             _measure(args, Server(c["ws"]), c["dash"], nodes, enrolls, conv)
         )
         # What other jobs on this machine took meanwhile, in % of a core.
-        others = (machine_busy_s() - busy0) - (ours_s() - ours0)
+        others = (procs.machine_busy_s() - busy0) - (ours_s() - ours0)
         others_pct = others * 100 / (time.monotonic() - t0)
         time.sleep(args.settle_s)  # the sessions' actors back in the pool
         idle = idle_cpu(cpu_by_node(nodes), args.idle_s)

@@ -64,6 +64,14 @@ def server_procs() -> list[psutil.Process]:
     ]
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent outside its idle loop so far
+    (every process's, not only the server's; time stolen by the host is
+    not counted)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
 def cpu_by_pid() -> dict[int, tuple[str, float]]:
     """{pid: (role, CPU seconds so far)} of the server's processes."""
     out = {}
