@@ -68,17 +68,25 @@ def _conversations():
     return [(d, td.prepare(d.key, d.conv)) for d in chosen.values()]
 
 
-def _replay(prep, answer) -> list[dict]:
-    """Label messages of one conversation, each window's embedding from
-    `answer(audio)` (shape (n,) in, (192,) out)."""
-    from bench import tune_decision as td
+def _replay(prep, cache) -> list[dict]:
+    """Label messages of one conversation as bench/cv_decision.py replays it,
+    each window's embedding from `cache.embed`."""
+    from bench import cv_decision as cvd
     from diglett.settings import Settings
 
-    settings = Settings.from_env(dotenv=False)
-    msgs, _ = td.drive(
-        prep, settings, lambda j: answer(j.audio), lambda j: answer(j.audio)
-    )
-    return td.label_msgs(msgs)
+    return cvd.replay(prep, Settings.from_env(dotenv=False), cache)
+
+
+class _Answers:
+    """`EmbedCache.embed` answered from saved {digest: embedding (192,)}."""
+
+    def __init__(self, saved) -> None:
+        self.saved = saved
+
+    def embed(self, xs: list[np.ndarray]) -> np.ndarray:
+        from bench.embed_cache import digest
+
+        return np.stack([self.saved[digest(x)] for x in xs]).reshape(-1, 192)
 
 
 def _to_s16(x: np.ndarray) -> np.ndarray:
@@ -98,24 +106,24 @@ def prepare(args) -> int:
 
     from bench.embed_cache import DEFAULT_MODEL_DIR, EmbedCache, digest
 
+    class Recorded(EmbedCache):
+        """The CPU fp32 model's embeddings, keeping every window asked for."""
+
+        def __init__(self, path: Path) -> None:
+            super().__init__(path, precision="fp32")
+            self.windows: dict[str, np.ndarray] = {}
+
+        def embed(self, xs: list[np.ndarray]) -> np.ndarray:
+            self.windows.update((digest(x), x) for x in xs)
+            return super().embed(xs)
+
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     convs = _conversations()
-    windows: dict[str, np.ndarray] = {}
-
-    def record(audio) -> np.ndarray:
-        windows.setdefault(digest(audio), np.asarray(audio))
-        return np.ones(192, np.float32)
-
-    for _, prep in convs:
-        _replay(prep, record)
-    cache = EmbedCache(out / "cpu_fp32.npz", precision="fp32")
-    cache.embed(list(windows.values()))
+    cache = Recorded(out / "cpu_fp32.npz")
+    labels = {d.key: [m["label"] for m in _replay(p, cache)] for d, p in convs}
     cache.save()
-    labels = {
-        d.key: [m["label"] for m in _replay(p, lambda a: cache.embed([a])[0])]
-        for d, p in convs
-    }
+    windows = cache.windows
     # The windows come from pcm_s16le frames: int16 holds them exactly.
     np.savez_compressed(
         out / "windows.npz", **{k: _to_s16(x) for k, x in windows.items()}
@@ -172,34 +180,27 @@ def embed(args) -> int:
 
 
 def report(args) -> int:
-    from bench import metrics as mt
-    from bench.embed_cache import digest
+    from bench import cv_decision as cvd
 
     src = Path(args.dir)
-    gpu = np.load(args.gpu)
+    gpu = _Answers(np.load(args.gpu))
     cpu_labels = json.loads((src / "cpu_labels.json").read_text())
     same = total = 0
-    acc = {"cpu_fp32": [], "gpu_fp16": []}
+    acc: dict[str, list] = {"cpu_fp32": [], "gpu_fp16": []}
     for d, prep in _conversations():
-        msgs = _replay(prep, lambda a: gpu[digest(a)])
-        ours = [m["label"] for m in msgs]
+        msgs = _replay(prep, gpu)
         ref = cpu_labels[d.key]
-        same += sum(a == b for a, b in zip(ours, ref))
+        same += sum(m["label"] == lab for m, lab in zip(msgs, ref))
         total += len(ref)
-        c = d.conv
-        for name, labs in (("gpu_fp16", ours), ("cpu_fp32", ref)):
-            segs = [(m["start_s"], m["end_s"], lab) for m, lab in zip(msgs, labs)]
-            acc[name].append(
-                mt.score_table(
-                    mt.frame_table(c.truth, segs, c.speakers, duration_s=c.duration_s)
-                )
-            )
+        acc["gpu_fp16"].append(cvd.score_conv(d, msgs))
+        cpu_msgs = [{**m, "label": lab} for m, lab in zip(msgs, ref)]
+        acc["cpu_fp32"].append(cvd.score_conv(d, cpu_msgs))
     meta = Path(args.gpu).with_suffix(".json")
     res = {
         "embedded": json.loads(meta.read_text()) if meta.is_file() else None,
         "hops": total,
         "same_label": same / total,
-        "four_class": {k: mt.total(v).accuracy for k, v in acc.items()},
+        "four_class": {k: cvd.pooled(v).accuracy for k, v in acc.items()},
     }
     print(json.dumps(res))
     Path(args.result).write_text(json.dumps(res, indent=1) + "\n")
