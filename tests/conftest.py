@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench.local_cluster import free_ports  # noqa: F401  (the tests' too)
 from diglett.engine.audio import encode_s16
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from diglett.leftovers import orphaned_haproxies, port_free, stop
-from conftest import free_ports, model_dir, needs_model
+from bench.local_cluster import free_ports
+from conftest import model_dir, needs_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,9 +25,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from conftest import free_ports, load16, needs_model, needs_speakers, to_s16
+from conftest import load16, needs_model, needs_speakers, to_s16
 from conftest import utterances
-from bench.local_cluster import Node, cluster_env, local_cluster, wait_for
+from bench.local_cluster import Node, cluster_env, free_ports, local_cluster, wait_for
 
 REDIS = shutil.which("redis-server")
 pytestmark = [

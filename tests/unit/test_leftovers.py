@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from diglett.leftovers import orphaned_haproxies, port_free, stop
-from conftest import free_ports
+from bench.local_cluster import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
