@@ -18,7 +18,9 @@ A conversation (`build`):
   turn starts 0.1-0.5 s early instead (overlap; truth `noise`, both talking).
 - One condition per conversation (`CONDITIONS`): a faint floor only; white,
   pink or babble noise (other fold speakers, 4-6 at once) at 5-30 dB under
-  the quietest enrolled talker; or a reverberant room (image-source RIRs,
+  the quieter enrolled talker, the intruder raised to at least
+  `INTRUDER_MIN_SNR_DB` over it where its own level fell lower (under the
+  noise, an intruder is inaudible, yet its truth would be `noise`); or a reverberant room (image-source RIRs,
   RT60 0.3-0.9 s) with a faint floor.
 - Enrollments: 5 s of each of A and B from utterances no turn uses, at a
   level (-40..-15 dBFS) and noise (a floor, or white/pink at 20-35 dB SNR)
@@ -46,6 +48,7 @@ SPEAKER_DIRS = (SHARED / "speakers", SHARED / "speakers-more")
 CONDITIONS = ("clean", "white", "pink", "babble", "reverb")
 HELD = "held"
 N_FOLDS = 5
+INTRUDER_MIN_SNR_DB = 5.0  # the least SNR the conditions ask for
 # Kept back from every tuning run: one or two speakers of each big corpus.
 HELD_SPEAKERS = (
     "TIMIT-FALR0",
@@ -232,6 +235,7 @@ def build(
 
     n_max = int(SAMPLE_RATE * (n_turns * 8.5 + 3))
     sig = np.zeros(n_max, dtype=np.float64)
+    sig_c = np.zeros(n_max, dtype=np.float64)  # C's turns alone (see below)
     track: list[tuple[int, int, str]] = []
     turns: list[cv.Turn] = []
     pos = int(rng.uniform(0.3, 1.5) * SAMPLE_RATE)
@@ -258,6 +262,8 @@ def build(
         start = max(start, track[-1][0] + 1)
         end = start + x.size
         sig[start:end] += x
+        if s == c:
+            sig_c[start:end] += x
         label = cv.NOISE if s == c else s
         if start < prev_end:  # overlap with the turn before
             last_s, _, last_lab = track.pop()
@@ -282,13 +288,26 @@ def build(
         prev_end = end
     n = prev_end + int(rng.uniform(0.3, 1.5) * SAMPLE_RATE)
     track.append((prev_end, n, cv.SILENCE))
-    sig = sig[:n].astype(np.float32)
 
     quiet = min(level[a], level[b])
     snr = None
     color = "white"
     if condition in ("white", "pink", "babble"):
         snr = float(rng.uniform(5, 30))
+        # C raised after the fact, so that every other draw stays as it was.
+        lift = (quiet - snr + INTRUDER_MIN_SNR_DB) - level[c]
+        if lift > 0:
+            sig = sig + sig_c * (10 ** (lift / 20) - 1)
+            turns = [
+                (
+                    dataclasses.replace(t, level_dbfs=t.level_dbfs + lift)
+                    if t.speaker == c
+                    else t
+                )
+                for t in turns
+            ]
+    sig = sig[:n].astype(np.float32)
+    if snr is not None:
         pool = [speakers[o] for o in others]
         sig = sig + _noise(rng, condition, n, quiet - snr, pool)
         color = condition
