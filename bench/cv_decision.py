@@ -135,7 +135,7 @@ def seed_labels(prep: td.Prepared, cache: EmbedCache) -> list[tuple]:
     embs = cache.embed([conv.signal[s:e] for s, e in bounds])
     out = []
     for (s, e), emb in zip(bounds, embs):
-        if not levels.has_speech(conv.signal[s:e], -55.0, 0.4):
+        if not levels.has_speech(conv.signal[s:e], td.SEED_GATE_DBFS, td.SEED_MIN_FRAC):
             lab = "silence"
         else:
             en = normalize(emb)

@@ -80,6 +80,10 @@ from diglett.settings import SAMPLE_RATE, Settings  # noqa: E402
 TUNE = ["LS-19", "LS-26", "VCTK-p225", "VCTK-p226"]
 HELD_OUT = ["ARCTIC-clb", "VCTK-p227", "VCTK-p228"]
 FRAME_SAMPLES = 1600  # 0.1 s per binary frame
+# The seed project's method: silence by its -55 dBFS gate on 40 % of 20 ms
+# frames, then cos > BASELINE_THRESHOLD, speaker 1 first.
+SEED_GATE_DBFS = -55.0
+SEED_MIN_FRAC = 0.4
 BASELINE_THRESHOLD = 0.25
 GATE_OFF = -1000.0
 # The grid's "threshold" axis: the per-speaker relative bar (the server's

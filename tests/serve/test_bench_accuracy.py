@@ -9,7 +9,6 @@ from bench import accuracy as acc
 from bench import conversations as cv
 from bench.harness import Server
 from conftest import API_TOKEN, SPEAKERS, needs_model, needs_speakers
-from diglett.settings import Settings
 
 TRUTH = [(0.0, 1.0, "silence"), (1.0, 3.0, "A"), (3.0, 3.2, "silence"), (3.2, 5.0, "B")]
 TRUTH += [(5.0, 6.5, "noise"), (6.5, 7.0, "silence")]
@@ -86,9 +85,9 @@ def test_live_conversation(server, tmp_path):
     ours = acc.mt.score(conv.truth, labels, conv.speakers, duration_s=conv.duration_s)
     assert ours.accuracy > 0.8
     client = acc.EmbeddingClient(srv.http, API_TOKEN, tmp_path, "test")
-    slabels, sscores = acc.seed_labels(conv, client, Settings())
+    slabels, sscores = acc.seed_labels(conv, client)
     assert client.new > 10 and len(slabels) == len(sscores)
     assert slabels[-1][1] == pytest.approx(conv.duration_s, abs=1e-3)
     again = acc.EmbeddingClient(srv.http, API_TOKEN, tmp_path, "test")
-    assert acc.seed_labels(conv, again, Settings())[0] == slabels
+    assert acc.seed_labels(conv, again)[0] == slabels
     assert again.new == 0  # all from the disk cache
