@@ -91,6 +91,12 @@ def _strict_adapt():
     return lambda: [u() for u in undo]
 
 
+def _no_others():
+    from diglett.engine import decision
+
+    return _patch(decision, "OTHERS_MIN_CONF", float("inf"))
+
+
 # (name, patch returning its undo, settings changed): each step taken away
 # from the chosen setting alone, to show what it buys, and variants of it.
 ABLATIONS = (
@@ -99,6 +105,12 @@ ABLATIONS = (
     ("adapting on clearer wins only (0.15 / 0.3)", _strict_adapt, {}),
     ("level gate instead of Silero VAD", lambda: (lambda: None), {"vad": "energy"}),
     ("without the background rule", lambda: (lambda: None), {"background_prob": 0.0}),
+    (
+        "without the background-level rule",
+        lambda: (lambda: None),
+        {"background_margin_db": 0.0},
+    ),
+    ("without learning the session's others", _no_others, {}),
 )
 
 

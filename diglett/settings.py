@@ -55,6 +55,11 @@ class Settings:
     # average under this Silero probability is background (babble, a TV):
     # `silence`, not `noise` (session.is_background). 0: off.
     background_prob: float = 0.7
+    # ...and so is one whose level is less than this many dB over the
+    # stream's background (the quieter tenth of its last 40 s of hops;
+    # levels.RecentFloor): speech barely over the background is the
+    # background. 0: off.
+    background_margin_db: float = 3.0
     speech_min_frac: float = 0.3
     window_s: float = 1.5
     hop_s: float = 0.5
@@ -233,6 +238,8 @@ class Settings:
             raise ValueError("DIGLETT_VAD must be silero or energy")
         if not 0.0 <= self.background_prob <= 1.0:
             raise ValueError("DIGLETT_BACKGROUND_PROB must lie in [0, 1]")
+        if self.background_margin_db < 0:
+            raise ValueError("DIGLETT_BACKGROUND_MARGIN_DB must be 0 or more")
         if not 0.0 <= self.speech_min_frac <= 1.0:
             raise ValueError("DIGLETT_SPEECH_MIN_FRAC must lie in [0, 1]")
         if self.log_format not in ("json", "text"):

@@ -18,8 +18,15 @@ joins that speaker's confident windows, and the reference becomes a blend
 of the enrollment and their mean, the enrollment always keeping at least
 half the weight, so a room, a microphone or a voice on a different day is
 learnt, while an intruder whose windows clear the margins (one close to the
-speaker) can pull the reference at most half way towards itself. `bench/cv_decision.py` measures each choice, cross-validated
-over speakers (docs/accuracy.md).
+speaker) can pull the reference at most half way towards itself.
+
+The session also learns its *others*: windows that are clearly nobody
+enrolled (far under every bar, and certain speech) are summed, and a window
+about to be labelled a speaker that is closer to their mean than to that
+speaker is `noise`. An intruder's first clear windows so guard the rest of
+their talk, where one window close to an enrolled voice would pass its bar.
+`bench/cv_decision.py` measures each choice, cross-validated over speakers
+(docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ ADAPT_MARGIN = 0.1
 ADAPT_GAP = 0.2
 ADAPT_HALF_N = 5.0
 ADAPT_MAX_WEIGHT = 0.5
+# The session's others (see the module doc): a `noise` window that misses
+# every bar by OTHERS_MARGIN, of speech the detector gives at least
+# OTHERS_MIN_CONF, joins them.
+OTHERS_MARGIN = 0.1
+OTHERS_MIN_CONF = 0.9
 
 NOISE = "noise"
 SILENCE = "silence"
@@ -106,16 +118,38 @@ def speaker_threshold(
 
 
 @dataclass
+class EmbeddingSum:
+    """A running sum of unit embeddings: `total` (d,), of `count` windows."""
+
+    total: np.ndarray | None = None
+    count: int = 0
+
+    def add(self, embedding: np.ndarray) -> None:
+        """Count a window's embedding (d,)."""
+        u = normalize(embedding)
+        self.total = u if self.total is None else self.total + u
+        self.count += 1
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """The unit mean of the windows counted (d,); None before the first."""
+        return None if self.total is None else normalize(self.total)
+
+
+@dataclass
 class Adaptation:
     """A speaker's reference as the session refines it.
 
-    `enrolled` is the enrollment's unit reference (d,); `total` the sum of
-    the confident windows' unit embeddings (d,), `count` how many.
+    `enrolled` is the enrollment's unit reference (d,); `confident` the
+    confident windows counted so far.
     """
 
     enrolled: np.ndarray
-    total: np.ndarray | None = None
-    count: int = 0
+    confident: EmbeddingSum = field(default_factory=EmbeddingSum)
+
+    @property
+    def count(self) -> int:
+        return self.confident.count
 
     @property
     def reference(self) -> np.ndarray:
@@ -123,13 +157,30 @@ class Adaptation:
         if not self.count:
             return self.enrolled
         w = min(ADAPT_MAX_WEIGHT, self.count / (self.count + ADAPT_HALF_N))
-        return normalize((1 - w) * self.enrolled + w * normalize(self.total))
+        return normalize((1 - w) * self.enrolled + w * self.confident.mean)
 
     def add(self, embedding: np.ndarray) -> None:
         """Count a confident window's embedding (d,)."""
-        u = normalize(embedding)
-        self.total = u if self.total is None else self.total + u
-        self.count += 1
+        self.confident.add(embedding)
+
+
+def clearly_nobody(
+    scores: dict[str, float], bars: dict[str, float], confidence: float | None
+) -> bool:
+    """Whether a `noise` window is someone else for sure: it misses every
+    enrolled speaker's bar by `OTHERS_MARGIN` and the speech detector is
+    near-certain it is speech (a talker, not background; None: no
+    probabilities, never sure)."""
+    if confidence is None or confidence < OTHERS_MIN_CONF:
+        return False
+    return all(v - bars.get(k, -1.0) <= -OTHERS_MARGIN for k, v in scores.items())
+
+
+def closer_to_others(embedding: np.ndarray, others: EmbeddingSum, score: float) -> bool:
+    """Whether `embedding` (d,) is closer to the session's others than the
+    `score` it reached with the speaker it was about to be labelled."""
+    mean = others.mean
+    return mean is not None and float(np.dot(normalize(embedding), mean)) > score
 
 
 def confident(scores: dict[str, float], bars: dict[str, float], label: str) -> bool:

@@ -5,6 +5,8 @@ Pure numpy: every function takes float32 audio in [-1, 1] at 16 kHz.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 SILENCE_DBFS = -120.0
@@ -68,3 +70,29 @@ def clipping_fraction(x: np.ndarray) -> float:
     if x.size == 0:
         return 0.0
     return float(np.count_nonzero(np.abs(x) >= 32766.0 / 32768.0)) / x.size
+
+
+class RecentFloor:
+    """The stream's background level: a low percentile of its recent hops.
+
+    Between and under the talkers of a conversation a stream holds its
+    background (a room's floor, steady noise, faraway babble); the quieter
+    tenth of the last `span` hop levels is a running estimate of it, and
+    speech barely over it is that background, not a talker (session.py).
+    `floor` is None until `least` hops are known.
+    """
+
+    def __init__(self, span: int, least: int, percentile: float = 10.0) -> None:
+        self._levels: deque[float] = deque(maxlen=max(1, span))
+        self.least = least
+        self.percentile = percentile
+
+    def add(self, level_dbfs: float) -> None:
+        """Count the level of the stream's next hop."""
+        self._levels.append(level_dbfs)
+
+    def floor(self) -> float | None:
+        """The background level (dBFS) of the hops counted so far."""
+        if len(self._levels) < max(1, self.least):
+            return None
+        return float(np.percentile(np.fromiter(self._levels, float), self.percentile))

@@ -18,7 +18,16 @@ import numpy as np
 from diglett.engine import levels, speech
 from diglett.engine.audio import AudioError, InputFormat, StreamResampler, check_format
 from diglett.engine.audio import decode_frame
-from diglett.engine.decision import NOISE, SILENCE, Adaptation, TalkStats, confident
+from diglett.engine.decision import (
+    NOISE,
+    SILENCE,
+    Adaptation,
+    EmbeddingSum,
+    TalkStats,
+    clearly_nobody,
+    closer_to_others,
+    confident,
+)
 from diglett.engine.decision import cosine_scores
 from diglett.engine.decision import decide, enrollment_reference, normalize
 from diglett.engine.decision import speaker_threshold
@@ -45,6 +54,10 @@ CLIPPING_FRACTION = 0.001
 NOISY_SNR_DB = 15.0
 ENROLL_WINDOWS_MAX = 16  # most sub-windows embedded per enrollment
 HOLD_MAX_BYTES = 1 << 20  # most enrollment audio a caller holds back (hold_rule)
+# A stream's background level (is_background) is over its last FLOOR_SPAN_S
+# of hops, known once FLOOR_LEAST_S of them are (docs/accuracy.md).
+FLOOR_SPAN_S = 40.0
+FLOOR_LEAST_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -178,17 +191,32 @@ def is_speech(fraction: float, min_frac: float) -> bool:
     return fraction > 0 and fraction >= min_frac
 
 
-def is_background(confidence: float | None, settings: Settings) -> bool:
+def is_background(
+    confidence: float | None,
+    settings: Settings,
+    level_dbfs: float | None = None,
+    floor_dbfs: float | None = None,
+) -> bool:
     """Whether speech that matches no enrolled speaker is background.
 
     Babble, a television or voices across the room reach the detector as
     speech it is unsure of (its probabilities hover between the bar and
     certainty), where a talker of the conversation, enrolled or not, is
-    near-certain speech. Such a hop is nobody of the conversation talking:
-    `silence`, not `noise` (docs/accuracy.md measures it). Off with
-    `background_prob` 0 or a detector without probabilities.
+    near-certain speech; and they stay at the stream's background level
+    (`floor_dbfs`, levels.RecentFloor), where a talker stands out of it.
+    Such a hop is nobody of the conversation talking: `silence`, not
+    `noise` (docs/accuracy.md measures both). Off with `background_prob`
+    and `background_margin_db` 0; the first needs a detector with
+    probabilities, the second a known floor.
     """
-    return confidence is not None and confidence < settings.background_prob
+    if confidence is not None and confidence < settings.background_prob:
+        return True
+    return (
+        settings.background_margin_db > 0
+        and level_dbfs is not None
+        and floor_dbfs is not None
+        and level_dbfs - floor_dbfs < settings.background_margin_db
+    )
 
 
 def _power_mean_db(db: np.ndarray) -> float:
@@ -225,6 +253,8 @@ class SessionEngine:
         self.self_scores: dict[str, float | None] = {}
         # Each speaker's reference as this session refines it (decision.py).
         self.adapted: dict[str, Adaptation] = {}
+        # Speech that was clearly nobody enrolled (decision.clearly_nobody).
+        self.others = EmbeddingSum()
         self._detector = speech.make_detector(settings.vad, settings.gate_dbfs)
         self._enroll_parts: dict[str, list[np.ndarray]] = {}
         self._enroll_name = ""
@@ -236,6 +266,7 @@ class SessionEngine:
         # window's embedding) waiting for the next window to be labelled.
         self._prev_speech = False
         self._held: tuple[HopJob, np.ndarray | None] | None = None
+        self._floor = self._new_floor()
         self.stats = TalkStats()
         self._rate_t: float | None = None  # time of the last audio frame
         self._rate_tokens = settings.rate_burst_s  # seconds of audio allowed now
@@ -426,11 +457,19 @@ class SessionEngine:
             scores = cosine_scores(embedding, refs)
             bars = self.thresholds()
             label = decide(scores, bars)
-            if confident(scores, bars, label):
+            if label == NOISE:
+                if is_background(
+                    job.confidence, self.s, job.level_dbfs, self._floor.floor()
+                ):
+                    label = SILENCE
+                elif clearly_nobody(scores, bars, job.confidence):
+                    self.others.add(embedding)
+            elif closer_to_others(embedding, self.others, scores[label]):
+                label = NOISE
+            elif confident(scores, bars, label):
                 self.adapted[label].add(embedding)
-            elif label == NOISE and is_background(job.confidence, self.s):
-                label = SILENCE
             msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
+        self._floor.add(job.level_dbfs)
         msg["label"] = label
         msg["level_dbfs"] = round(job.level_dbfs, 1)
         msg["_recv_t"] = job.recv_t
@@ -445,6 +484,7 @@ class SessionEngine:
         self.enrollments[name] = reference
         self.self_scores[name] = self_score
         self.adapted[name] = Adaptation(reference)
+        self.others = EmbeddingSum()  # "nobody enrolled" has changed
 
     def thresholds(self) -> dict[str, float]:
         """Each enrolled speaker's cosine bar (see decision.speaker_threshold)."""
@@ -556,6 +596,7 @@ class SessionEngine:
         self._windower = HopWindower(self.s.hop_samples, self.s.window_samples)
         self._detector.reset()
         self._prev_speech = False
+        self._floor = self._new_floor()
         self.state = "streaming"
         return actions
 
@@ -603,6 +644,12 @@ class SessionEngine:
                 )
             )
         return jobs
+
+    def _new_floor(self) -> levels.RecentFloor:
+        """A stream's background level, over its last `FLOOR_SPAN_S`."""
+        return levels.RecentFloor(
+            round(FLOOR_SPAN_S / self.s.hop_s), round(FLOOR_LEAST_S / self.s.hop_s)
+        )
 
     def _speech_part(self, hop) -> np.ndarray:
         """The hop's window from where its last run of speech starts

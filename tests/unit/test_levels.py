@@ -138,3 +138,16 @@ def test_clipping_fraction():
     assert levels.clipping_fraction(x) == pytest.approx(0.02)
     x[:] = 32765 / 32768
     assert levels.clipping_fraction(x) == 0.0
+
+
+# --------------------------------------------------------------- RecentFloor
+def test_recent_floor_is_a_low_percentile_of_the_last_span_hops():
+    f = levels.RecentFloor(span=10, least=3)
+    f.add(-60.0)
+    f.add(-20.0)
+    assert f.floor() is None  # fewer than `least` hops
+    for db in (-20.0,) * 8:
+        f.add(db)
+    assert f.floor() == pytest.approx(np.percentile([-60.0] + [-20.0] * 9, 10))
+    f.add(-20.0)  # the -60 dB hop leaves the span
+    assert f.floor() == pytest.approx(-20.0)

@@ -11,7 +11,16 @@ import pytest
 
 from conftest import SHARED, load16, needs_speakers, utterances
 from diglett.engine import speech
-from diglett.engine.decision import ADAPT_MAX_WEIGHT, Adaptation, confident, normalize
+from diglett.engine import decision
+from diglett.engine.decision import (
+    ADAPT_MAX_WEIGHT,
+    Adaptation,
+    EmbeddingSum,
+    clearly_nobody,
+    closer_to_others,
+    confident,
+    normalize,
+)
 from diglett.engine.session import (
     Close,
     EnrollJob,
@@ -79,6 +88,26 @@ def test_an_adapted_reference_keeps_the_enrollment_at_half_the_weight():
     assert a.reference @ e > 0.7  # never taken over, however many windows
 
 
+def test_others_learn_only_from_certain_speech_that_misses_every_bar():
+    bars = {"alice": 0.2, "bob": 0.25}
+    far = {"alice": 0.05, "bob": 0.1}  # 0.15 under both bars
+    assert clearly_nobody(far, bars, 0.95)
+    assert not clearly_nobody(far, bars, 0.8)  # the detector is unsure
+    assert not clearly_nobody(far, bars, None)  # no probabilities: never
+    assert not clearly_nobody({"alice": 0.15, "bob": 0.1}, bars, 0.95)  # near alice
+
+
+def test_a_window_closer_to_the_others_than_to_its_speaker_is_theirs():
+    others = EmbeddingSum()
+    e = np.array([0.6, 0.8, 0.0], np.float32)
+    assert not closer_to_others(e, others, 0.3)  # none heard yet
+    others.add(np.array([0.0, 2.0, 0.0]))
+    others.add(np.array([0.0, 1.0, 0.0]))
+    assert others.count == 2 and others.mean @ [0, 1, 0] == pytest.approx(1.0)
+    assert closer_to_others(e, others, 0.6)  # 0.8 to the others
+    assert not closer_to_others(e, others, 0.85)
+
+
 def test_only_clear_wins_adapt():
     bars = {"alice": 0.2, "bob": 0.2}
     assert confident({"alice": 0.5, "bob": 0.1}, bars, "alice")
@@ -94,10 +123,14 @@ def voices() -> dict[str, np.ndarray]:
     return {k: load16(v[0]) for k, v in u.items()}
 
 
-def run_engine(settings: Settings, enroll: dict, stream: np.ndarray, embed):
+def run_engine(
+    settings: Settings, enroll: dict, stream: np.ndarray, embed, detector=None
+):
     """Enroll and stream through a SessionEngine in 0.1 s frames; returns
-    (labels, hop jobs, other messages)."""
+    (labels, hop jobs, other messages). `detector`: instead of the settings'."""
     eng = SessionEngine(settings)
+    if detector is not None:
+        eng._detector = detector
     msgs, hop_jobs = [], []
 
     def handle(actions):
@@ -248,6 +281,15 @@ def test_uncertain_speech_is_background_only_while_the_rule_is_on():
     assert not is_background(None, Settings(background_prob=0.7))  # level gate
 
 
+def test_speech_barely_over_the_streams_floor_is_background():
+    s = Settings(background_prob=0.0, background_margin_db=3.0)
+    assert is_background(0.99, s, level_dbfs=-47.5, floor_dbfs=-50.0)
+    assert not is_background(0.99, s, level_dbfs=-46.5, floor_dbfs=-50.0)
+    assert not is_background(0.99, s, level_dbfs=-49.0, floor_dbfs=None)  # unknown
+    off = Settings(background_prob=0.0, background_margin_db=0.0)
+    assert not is_background(0.99, off, level_dbfs=-50.0, floor_dbfs=-50.0)
+
+
 @needs_speakers
 def test_faint_babble_matching_nobody_is_silence_a_clear_intruder_noise(voices):
     """Six talkers at once, faint over a floor, are speech the detector is
@@ -272,9 +314,66 @@ def test_faint_babble_matching_nobody_is_silence_a_clear_intruder_noise(voices):
             if "scores" in m and lo_s <= m["start_s"] and m["end_s"] <= hi_s
         ]
 
-    on, off = Settings(background_prob=0.7), Settings(background_prob=0.0)
+    on = Settings(background_prob=0.7, background_margin_db=0.0)
+    off = Settings(background_prob=0.0, background_margin_db=0.0)
     bab_on, bab_off = speech_labels(on, 0.0, 4.0), speech_labels(off, 0.0, 4.0)
     assert len(bab_off) >= 3 and set(bab_off) == {"noise"}
     assert bab_on.count("silence") > len(bab_on) / 2
     talker = speech_labels(on, 5.5, 9.0)
     assert len(talker) >= 5 and set(talker) == {"noise"}
+
+
+@needs_speakers
+def test_steady_background_matching_nobody_becomes_silence_a_talker_stays_noise(
+    voices,
+):
+    """Steady noise the level gate takes for speech, then a real talker who
+    matches nobody: once 3 s of the stream are known, hops at its background
+    level are `silence`, the talker (far over it) `noise`; without the rule
+    both are `noise`."""
+    names = sorted(voices)
+    talker = at_level(voices[names[1]][: 3 * SR], -25.0)
+    stream = np.concatenate([white(6.0, -50.0), talker])
+    enroll = {"alice": at_level(voices[names[0]], -25.0)}
+
+    def embed(job):  # every stream window is somebody else
+        return np.array([0.0, 1.0, 0.0] if isinstance(job, HopJob) else [1, 0, 0], "f")
+
+    def labels(margin):
+        s = Settings(vad="energy", background_margin_db=margin)
+        return [m["label"] for m in run_engine(s, enroll, stream, embed)[0]]
+
+    on, off = labels(3.0), labels(0.0)
+    assert off[:12] == ["noise"] * 12
+    assert on[:6] == ["noise"] * 6  # the floor is not known yet
+    assert on[6:12] == ["silence"] * 6
+    assert on[13:17] == off[13:17] == ["noise"] * 4
+
+
+@needs_speakers
+def test_an_intruder_heard_clearly_once_is_not_taken_for_alice_later(
+    voices, monkeypatch
+):
+    """An intruder's first windows are far from alice (they join the
+    session's others); later windows of theirs reach alice's bar but are
+    closer to the others: `noise`, where without the others they were alice."""
+    names = sorted(voices)
+    talk = at_level(voices[names[1]], -25.0)[: 5 * SR]
+    stream = np.concatenate([white(0.5, -70.0), talk])
+    enroll = {"alice": at_level(voices[names[0]], -25.0)}
+    far, near = [0.0, 1.0, 0.0], [0.5, 0.866, 0.0]  # alice's cosines 0 / 0.5
+
+    def embed(job):
+        if not isinstance(job, HopJob):
+            return np.array([1.0, 0.0, 0.0], "f")
+        return np.array(far if job.end_s <= 2.5 else near, "f")
+
+    def late_labels():
+        labels = run_engine(Settings(), enroll, stream, embed)[0]
+        return [m["label"] for m in labels if m["start_s"] >= 3.0 and "scores" in m]
+
+    with_others = late_labels()
+    monkeypatch.setattr(decision, "OTHERS_MIN_CONF", float("inf"))
+    without = late_labels()
+    assert len(without) >= 4 and set(without) == {"alice"}
+    assert with_others == ["noise"] * len(without)
