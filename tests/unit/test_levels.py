@@ -151,3 +151,13 @@ def test_recent_floor_is_a_low_percentile_of_the_last_span_hops():
     assert f.floor() == pytest.approx(np.percentile([-60.0] + [-20.0] * 9, 10))
     f.add(-20.0)  # the -60 dB hop leaves the span
     assert f.floor() == pytest.approx(-20.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 80])
+def test_recent_floor_matches_numpys_percentile(n):
+    rng = np.random.default_rng(n)
+    xs = rng.uniform(-90, -10, n)
+    f = levels.RecentFloor(span=80, least=1, percentile=10.0)
+    for x in xs:
+        f.add(float(x))
+    assert f.floor() == pytest.approx(np.percentile(xs, 10.0))
