@@ -22,8 +22,8 @@ speaker) can pull the reference at most half way towards itself.
 
 The session also learns its *others*: windows that are clearly nobody
 enrolled (far under every bar, and certain speech) are summed, and a window
-about to be labelled a speaker that is closer to their mean than to that
-speaker is `noise`. An intruder's first clear windows so guard the rest of
+about to be labelled a speaker, short of a clear win, that is closer to
+their mean than to that speaker is `noise`. An intruder's first clear windows so guard the rest of
 their talk, where one window close to an enrolled voice would pass its bar.
 `bench/cv_decision.py` measures each choice, cross-validated over speakers
 (docs/accuracy.md).
@@ -176,11 +176,19 @@ def clearly_nobody(
     return all(v - bars.get(k, -1.0) <= -OTHERS_MARGIN for k, v in scores.items())
 
 
-def closer_to_others(embedding: np.ndarray, others: EmbeddingSum, score: float) -> bool:
-    """Whether `embedding` (d,) is closer to the session's others than the
-    `score` it reached with the speaker it was about to be labelled."""
+def closer_to_others(
+    embedding: np.ndarray, others: EmbeddingSum, score: float, bar: float
+) -> bool:
+    """Whether `embedding` (d,), about to be labelled a speaker with `score`
+    over their `bar`, is closer to the session's others than to them.
+
+    A clear win (by `ADAPT_MARGIN`) stands: so a speaker whose first windows
+    were taken for someone else is never shut out, and still adapts.
+    """
     mean = others.mean
-    return mean is not None and float(np.dot(normalize(embedding), mean)) > score
+    if mean is None or score - bar >= ADAPT_MARGIN:
+        return False
+    return float(np.dot(normalize(embedding), mean)) > score
 
 
 def confident(scores: dict[str, float], bars: dict[str, float], label: str) -> bool:

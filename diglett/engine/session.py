@@ -464,7 +464,7 @@ class SessionEngine:
                     label = SILENCE
                 elif clearly_nobody(scores, bars, job.confidence):
                     self.others.add(embedding)
-            elif closer_to_others(embedding, self.others, scores[label]):
+            elif closer_to_others(embedding, self.others, scores[label], bars[label]):
                 label = NOISE
             elif confident(scores, bars, label):
                 self.adapted[label].add(embedding)

@@ -100,12 +100,13 @@ def test_others_learn_only_from_certain_speech_that_misses_every_bar():
 def test_a_window_closer_to_the_others_than_to_its_speaker_is_theirs():
     others = EmbeddingSum()
     e = np.array([0.6, 0.8, 0.0], np.float32)
-    assert not closer_to_others(e, others, 0.3)  # none heard yet
+    assert not closer_to_others(e, others, 0.6, 0.55)  # none heard yet
     others.add(np.array([0.0, 2.0, 0.0]))
     others.add(np.array([0.0, 1.0, 0.0]))
     assert others.count == 2 and others.mean @ [0, 1, 0] == pytest.approx(1.0)
-    assert closer_to_others(e, others, 0.6)  # 0.8 to the others
-    assert not closer_to_others(e, others, 0.85)
+    assert closer_to_others(e, others, 0.6, 0.55)  # 0.8 to the others
+    assert not closer_to_others(e, others, 0.85, 0.8)  # closer to the speaker
+    assert not closer_to_others(e, others, 0.6, 0.45)  # a clear win stands
 
 
 def test_only_clear_wins_adapt():
@@ -355,13 +356,13 @@ def test_an_intruder_heard_clearly_once_is_not_taken_for_alice_later(
     voices, monkeypatch
 ):
     """An intruder's first windows are far from alice (they join the
-    session's others); later windows of theirs reach alice's bar but are
-    closer to the others: `noise`, where without the others they were alice."""
+    session's others); later windows of theirs just reach alice's bar (0.3)
+    but are closer to the others: `noise`, where without them they were alice."""
     names = sorted(voices)
     talk = at_level(voices[names[1]], -25.0)[: 5 * SR]
     stream = np.concatenate([white(0.5, -70.0), talk])
     enroll = {"alice": at_level(voices[names[0]], -25.0)}
-    far, near = [0.0, 1.0, 0.0], [0.5, 0.866, 0.0]  # alice's cosines 0 / 0.5
+    far, near = [0.0, 1.0, 0.0], [0.35, 0.937, 0.0]  # alice's cosines 0 / 0.35
 
     def embed(job):
         if not isinstance(job, HopJob):
