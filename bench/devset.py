@@ -20,8 +20,8 @@ A conversation (`build`):
   pink or babble noise (other fold speakers, 4-6 at once) at 5-30 dB under
   the quieter enrolled talker, the intruder raised to at least
   `INTRUDER_MIN_SNR_DB` over it where its own level fell lower (under the
-  noise, an intruder is inaudible, yet its truth would be `noise`); or a reverberant room (image-source RIRs,
-  RT60 0.3-0.9 s) with a faint floor.
+  noise, an intruder is inaudible, yet its truth would be `noise`); or a
+  reverberant room (image-source RIRs, RT60 0.3-0.9 s) with a faint floor.
 - Enrollments: 5 s of each of A and B from utterances no turn uses, at a
   level (-40..-15 dBFS) and noise (a floor, or white/pink at 20-35 dB SNR)
   drawn apart from the stream's.
