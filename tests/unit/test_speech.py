@@ -124,14 +124,10 @@ def voices() -> dict[str, np.ndarray]:
     return {k: load16(v[0]) for k, v in u.items()}
 
 
-def run_engine(
-    settings: Settings, enroll: dict, stream: np.ndarray, embed, detector=None
-):
+def run_engine(settings: Settings, enroll: dict, stream: np.ndarray, embed):
     """Enroll and stream through a SessionEngine in 0.1 s frames; returns
-    (labels, hop jobs, other messages). `detector`: instead of the settings'."""
+    (labels, hop jobs, other messages)."""
     eng = SessionEngine(settings)
-    if detector is not None:
-        eng._detector = detector
     msgs, hop_jobs = [], []
 
     def handle(actions):
