@@ -120,21 +120,20 @@ def speaker_threshold(
 
 @dataclass
 class EmbeddingSum:
-    """A running sum of unit embeddings: `total` (d,), of `count` windows."""
+    """A running sum of unit embeddings: `total` (d,), of `count` windows,
+    and their unit `mean` (d,; None before the first), kept up to date on
+    each `add` so that the hops that read it do not recompute it."""
 
     total: np.ndarray | None = None
     count: int = 0
+    mean: np.ndarray | None = None
 
     def add(self, embedding: np.ndarray) -> None:
         """Count a window's embedding (d,)."""
         u = normalize(embedding)
         self.total = u if self.total is None else self.total + u
         self.count += 1
-
-    @property
-    def mean(self) -> np.ndarray | None:
-        """The unit mean of the windows counted (d,); None before the first."""
-        return None if self.total is None else normalize(self.total)
+        self.mean = normalize(self.total)
 
 
 @dataclass
