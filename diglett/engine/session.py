@@ -266,6 +266,7 @@ class SessionEngine:
         # window's embedding) waiting for the next window to be labelled.
         self._prev_speech = False
         self._held: tuple[HopJob, np.ndarray | None] | None = None
+        self._last_label: str | None = None  # the stream's last label sent
         self._floor = self._new_floor()
         self.stats = TalkStats()
         self._rate_t: float | None = None  # time of the last audio frame
@@ -419,7 +420,26 @@ class SessionEngine:
         if held is None:
             return []
         prev, _ = held
-        return [self._complete_hop(prev, embedding if prev.speech else None)]
+        if prev.speech:
+            return [self._complete_hop(prev, embedding)]
+        return [self._complete_pause(prev, job, embedding)]
+
+    def _complete_pause(
+        self, hop: HopJob, nxt: HopJob, embedding: np.ndarray | None
+    ) -> dict:
+        """Label a silent `hop` that look-ahead sees between two hops of one
+        speaker: the hop before it was labelled that speaker and the next
+        hop's window (`embedding`, of `nxt`) decides for them too. A pause
+        inside a turn is that speaker's turn; any other silent hop is
+        `silence`. The fill never adapts a reference or learns others.
+        """
+        last = self._last_label
+        if nxt.speech and embedding is not None and last in self.adapted:
+            refs = {k: a.reference for k, a in self.adapted.items()}
+            scores = cosine_scores(embedding, refs)
+            if decide(scores, self.thresholds()) == last:
+                return self._label_msg(hop, last, scores)
+        return self._complete_hop(hop, None)
 
     def _flush_held(self) -> list[dict]:
         if self._held is None:
@@ -444,12 +464,7 @@ class SessionEngine:
         }
 
     def _complete_hop(self, job: HopJob, embedding: np.ndarray | None) -> dict:
-        msg = {
-            "type": "label",
-            "seq": job.seq,
-            "start_s": round(job.start_s, 6),
-            "end_s": round(job.end_s, 6),
-        }
+        scores = None
         if job.window is None or embedding is None:
             label = SILENCE
         else:
@@ -468,11 +483,26 @@ class SessionEngine:
                 label = NOISE
             elif confident(scores, bars, label):
                 self.adapted[label].add(embedding)
+        return self._label_msg(job, label, scores)
+
+    def _label_msg(
+        self, job: HopJob, label: str, scores: dict[str, float] | None
+    ) -> dict:
+        """The `label` message of hop `job`; counts it in the stream's
+        background level and the summary."""
+        msg = {
+            "type": "label",
+            "seq": job.seq,
+            "start_s": round(job.start_s, 6),
+            "end_s": round(job.end_s, 6),
+            "label": label,
+        }
+        if scores is not None:
             msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
-        self._floor.add(job.level_dbfs)
-        msg["label"] = label
         msg["level_dbfs"] = round(job.level_dbfs, 1)
         msg["_recv_t"] = job.recv_t
+        self._floor.add(job.level_dbfs)
+        self._last_label = label
         self.stats.add(label, job.end_s - job.start_s)
         return msg
 
@@ -596,6 +626,7 @@ class SessionEngine:
         self._windower = HopWindower(self.s.hop_samples, self.s.window_samples)
         self._detector.reset()
         self._prev_speech = False
+        self._last_label = None
         self._floor = self._new_floor()
         self.state = "streaming"
         return actions

@@ -1240,6 +1240,48 @@ def test_lookahead_silent_hop_after_speech_is_embedded_but_silent():
     assert "scores" not in labs[2]
 
 
+def lookahead_labels(x: np.ndarray) -> list[dict]:
+    c = ahead()
+    c.send({"type": "stream"})
+    c.audio(x)
+    c.send({"type": "end"})
+    labs = labels(c.log)
+    assert_tiles(labs, total_s=x.size / SR)
+    assert_summary_matches(summary_of(c.log), labs)
+    return labs
+
+
+def test_lookahead_fills_a_one_hop_pause_inside_a_turn():
+    labs = lookahead_labels(
+        np.concatenate([tone(ALICE, 1.0), silence(0.5), tone(ALICE, 1.0)])
+    )
+    assert [m["label"] for m in labs] == ["alice"] * 5
+    assert labs[2]["scores"]["alice"] > labs[2]["scores"]["bob"]
+
+
+def test_lookahead_keeps_silence_between_two_talkers_and_long_pauses():
+    x = np.concatenate([tone(ALICE, 1.0), silence(0.5), tone(BOB, 1.0)])
+    assert [m["label"] for m in lookahead_labels(x)] == [
+        "alice",
+        "alice",
+        "silence",
+        "bob",
+        "bob",
+    ]
+    x = np.concatenate([tone(ALICE, 1.0), silence(1.0), tone(ALICE, 1.0)])
+    assert [m["label"] for m in lookahead_labels(x)][2:4] == ["silence"] * 2
+
+
+def test_lookahead_fill_does_not_adapt_the_reference():
+    c = ahead()
+    c.send({"type": "stream"})
+    c.audio(np.concatenate([tone(ALICE, 1.0), silence(0.5)]))
+    before = c.engine.adapted["alice"].count
+    c.audio(tone(ALICE, 0.5))
+    assert labels(c.log)[-1]["label"] == "alice"  # the pause, filled
+    assert c.engine.adapted["alice"].count == before
+
+
 def test_lookahead_setting_is_validated_and_announced():
     assert ToneSettings(lookahead_hops=1).info()["lookahead_s"] == 0.5
     assert ToneSettings().info()["lookahead_s"] == 0.0
