@@ -58,7 +58,6 @@ from bench import tune_decision as td  # noqa: E402
 from bench.embed_cache import EmbedCache  # noqa: E402
 from diglett.engine import levels  # noqa: E402
 from diglett.engine.decision import normalize  # noqa: E402
-from diglett.engine.session import EnrollJob, EnrollWindowJob, HopJob  # noqa: E402
 from diglett.settings import Settings  # noqa: E402
 
 SR = 16000

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             for p in range(4):
                 if t != p and conf[t, p]:
                     flat.append((conf[t, p], name, mt.CLASSES[t], mt.CLASSES[p]))
-    print(f"\nlargest error cells (position / condition, truth -> label):")
+    print("\nlargest error cells (position / condition, truth -> label):")
     for k, name, t, p in sorted(flat, reverse=True)[: args.top]:
         print(f"  {k / n:6.2%}  {name:28s} {t} -> {p}")
     by_pos = defaultdict(int)

@@ -699,7 +699,7 @@ def main(argv=None) -> int:
             tot_def,
         ),
         (
-            f"baseline: seed 1/3 s, thr 0.25, spk1 first, same gate",
+            "baseline: seed 1/3 s, thr 0.25, spk1 first, same gate",
             tot_base,
         ),
     ]
