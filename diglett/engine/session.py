@@ -429,7 +429,8 @@ class SessionEngine:
     ) -> dict:
         """Label a silent `hop` that look-ahead sees between two hops of one
         speaker: the hop before it was labelled that speaker and the next
-        hop's window (`embedding`, of `nxt`) decides for them too. A pause
+        hop's window (`embedding`, of `nxt`) decides for them too (the
+        session's others included, as `_complete_hop` decides). A pause
         inside a turn is that speaker's turn; any other silent hop is
         `silence`. The fill never adapts a reference or learns others.
         """
@@ -437,7 +438,10 @@ class SessionEngine:
         if nxt.speech and embedding is not None and last in self.adapted:
             refs = {k: a.reference for k, a in self.adapted.items()}
             scores = cosine_scores(embedding, refs)
-            if decide(scores, self.thresholds()) == last:
+            bars = self.thresholds()
+            if decide(scores, bars) == last and not closer_to_others(
+                embedding, self.others, scores[last], bars[last]
+            ):
                 return self._label_msg(hop, last, scores)
         return self._complete_hop(hop, None)
 

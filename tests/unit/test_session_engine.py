@@ -1282,6 +1282,27 @@ def test_lookahead_fill_does_not_adapt_the_reference():
     assert c.engine.adapted["alice"].count == before
 
 
+def test_lookahead_fill_follows_the_sessions_others(monkeypatch):
+    """A next window that only just reaches alice's bar but is closer to
+    the session's others is not alice's: the pause before it stays silent."""
+    near = 1800.0
+    monkeypatch.setitem(VOICES, near, 0.4 * _E[0] + np.sqrt(0.84) * _E[3])
+    x = np.concatenate([tone(ALICE, 1.0), silence(0.5), tone(near, 1.0)])
+
+    def run(others: bool) -> list[str]:
+        c = Client(ToneSettings(lookahead_hops=1))
+        c.enroll_ok("alice", ALICE)
+        c.send({"type": "stream"})
+        if others:
+            c.engine.others.add(_E[3])
+        c.audio(x)
+        c.send({"type": "end"})
+        return [m["label"] for m in labels(c.log)]
+
+    assert run(False)[:3] == ["alice"] * 3
+    assert run(True)[:4] == ["alice", "alice", "silence", "noise"]
+
+
 def test_lookahead_setting_is_validated_and_announced():
     assert ToneSettings(lookahead_hops=1).info()["lookahead_s"] == 0.5
     assert ToneSettings().info()["lookahead_s"] == 0.0
