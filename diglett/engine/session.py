@@ -436,10 +436,8 @@ class SessionEngine:
         """
         last = self._last_label
         if nxt.speech and embedding is not None and last in self.adapted:
-            refs = {k: a.reference for k, a in self.adapted.items()}
-            scores = cosine_scores(embedding, refs)
-            bars = self.thresholds()
-            if decide(scores, bars) == last and not closer_to_others(
+            scores, bars, label = self._score(embedding)
+            if label == last and not closer_to_others(
                 embedding, self.others, scores[last], bars[last]
             ):
                 return self._label_msg(hop, last, scores)
@@ -472,10 +470,7 @@ class SessionEngine:
         if job.window is None or embedding is None:
             label = SILENCE
         else:
-            refs = {k: a.reference for k, a in self.adapted.items()}
-            scores = cosine_scores(embedding, refs)
-            bars = self.thresholds()
-            label = decide(scores, bars)
+            scores, bars, label = self._score(embedding)
             if label == NOISE:
                 if is_background(
                     job.confidence, self.s, job.level_dbfs, self._floor.floor()
@@ -488,6 +483,16 @@ class SessionEngine:
             elif confident(scores, bars, label):
                 self.adapted[label].add(embedding)
         return self._label_msg(job, label, scores)
+
+    def _score(
+        self, embedding: np.ndarray
+    ) -> tuple[dict[str, float], dict[str, float], str]:
+        """(scores, bars, label) of a window's embedding (d,) against each
+        speaker's reference now: cosines, thresholds, and `decide`'s label."""
+        refs = {k: a.reference for k, a in self.adapted.items()}
+        scores = cosine_scores(embedding, refs)
+        bars = self.thresholds()
+        return scores, bars, decide(scores, bars)
 
     def _label_msg(
         self, job: HopJob, label: str, scores: dict[str, float] | None
