@@ -56,11 +56,8 @@ from bench.doc_blocks import write_block  # noqa: E402
 from bench import metrics as mt  # noqa: E402
 from bench import tune_decision as td  # noqa: E402
 from bench.embed_cache import EmbedCache  # noqa: E402
-from diglett.engine import levels  # noqa: E402
-from diglett.engine.decision import normalize  # noqa: E402
 from diglett.settings import Settings  # noqa: E402
 
-SR = 16000
 GRID = {"rel_threshold": (0.25, 0.3, 0.35), "speech_min_frac": (0.2, 0.3, 0.45)}
 
 
@@ -138,21 +135,15 @@ def replay(prep: td.Prepared, settings: Settings, cache: EmbedCache) -> list[dic
 
 
 def seed_labels(prep: td.Prepared, cache: EmbedCache) -> list[tuple]:
-    """The seed project's method on the same audio (see the module doc)."""
+    """The seed project's method on the same audio (see the module doc);
+    `tune_decision.baseline_labels` with this cache's embeddings."""
     conv = prep.conv
-    a, b = conv.speakers
-    ra, rb = (normalize(e) for e in cache.embed([conv.enroll[a], conv.enroll[b]]))
+    c = td.Cache()
+    enroll = cache.embed([conv.enroll[n] for n in conv.speakers])
+    c.enroll = dict(zip(conv.speakers, enroll))
     bounds = td.baseline_segments(conv.signal.size)
-    embs = cache.embed([conv.signal[s:e] for s, e in bounds])
-    out = []
-    for (s, e), emb in zip(bounds, embs):
-        if not levels.has_speech(conv.signal[s:e], td.SEED_GATE_DBFS, td.SEED_MIN_FRAC):
-            lab = "silence"
-        else:
-            en = normalize(emb)
-            lab = a if en @ ra > 0.25 else b if en @ rb > 0.25 else "noise"
-        out.append((s / SR, e / SR, lab))
-    return out
+    c.baseline = np.stack(cache.embed([conv.signal[s:e] for s, e in bounds]))
+    return td.baseline_labels(prep, c, td.SEED_GATE_DBFS, td.SEED_MIN_FRAC)
 
 
 # ----------------------------------------------------------------- scoring
