@@ -122,11 +122,12 @@ def speaker_threshold(
 class EmbeddingSum:
     """A running sum of unit embeddings: `total` (d,), of `count` windows,
     and their unit `mean` (d,; None before the first), kept up to date on
-    each `add` so that the hops that read it do not recompute it."""
+    each `add` so that the hops that read it do not recompute it. All three
+    are derived from the `add`s, so none is given to the constructor."""
 
-    total: np.ndarray | None = None
-    count: int = 0
-    mean: np.ndarray | None = None
+    total: np.ndarray | None = field(default=None, init=False)
+    count: int = field(default=0, init=False)
+    mean: np.ndarray | None = field(default=None, init=False)
 
     def add(self, embedding: np.ndarray) -> None:
         """Count a window's embedding (d,)."""
