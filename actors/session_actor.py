@@ -210,26 +210,28 @@ class SessionActor:
                 actions.extend(self.engine.on_binary(payload, t))
             if actions and isinstance(actions[-1], Close):
                 break
-        jobs = self.engine.jobs(actions)
-        embeddings = []
-        if jobs:
+        timeout = EMBED_TIMEOUT_S
+
+        async def embed(jobs: list) -> list:
+            nonlocal timeout
             enrolling = any(isinstance(j, (EnrollJob, EnrollWindowJob)) for j in jobs)
             timeout = ENROLL_TIMEOUT_S if enrolling else EMBED_TIMEOUT_S
-            try:
-                embeddings = await self._embed(
-                    [to_int16(j.audio) for j in jobs], timeout, live=not enrolling
-                )
-            except TimeoutError as exc:  # alive, but too busy (or stalled)
-                return self._embedding_failed(
-                    exc,
-                    "overloaded",
-                    f"the embedding service did not answer within {timeout:g} s",
-                )
-            except Exception as exc:  # the embedding tier failed twice
-                return self._embedding_failed(
-                    exc, "internal", "the embedding service failed"
-                )
-        messages, close = self.engine.finish(actions, embeddings)
+            return await self._embed(
+                [to_int16(j.audio) for j in jobs], timeout, live=not enrolling
+            )
+
+        try:
+            messages, close = await self.engine.run_async(actions, embed)
+        except TimeoutError as exc:  # alive, but too busy (or stalled)
+            return self._embedding_failed(
+                exc,
+                "overloaded",
+                f"the embedding service did not answer within {timeout:g} s",
+            )
+        except Exception as exc:  # the embedding tier failed twice
+            return self._embedding_failed(
+                exc, "internal", "the embedding service failed"
+            )
         if close == 1000:
             self._ended = True
         return messages, close, self.engine.hold_rule()
@@ -259,6 +261,7 @@ class SessionActor:
         """End this connection with `code`; the session (its enrollments)
         stays for a resume, as after any drop."""
         logger.error("session %s: embedding failed: %r", self.session_id, exc)
+        self.engine.disconnect()  # drops unfinished hops, a second look's too
         self.engine.state = "closed"
         message = f"{what}; reconnect with resume_token to continue"
         return [error(code, message)], CLOSE_CODES[code], HoldRule()

@@ -135,7 +135,13 @@ def drive(p: Prepared, settings: Settings, embed_enroll, embed_hop):
         return embed_hop(job)
 
     def handle(actions) -> None:
-        if hasattr(eng, "finish"):  # the server's own completion path
+        if hasattr(eng, "run"):  # the server's own completion path
+            out, close = eng.run(actions, lambda jobs: [embed(j) for j in jobs])
+            msgs.extend(out)
+            if close is not None:
+                msgs.append({"type": "_close", "code": close})
+            return
+        if hasattr(eng, "finish"):  # engines before the second look
             jobs = eng.jobs(actions)
             out, close = eng.finish(actions, [embed(j) for j in jobs])
             msgs.extend(out)

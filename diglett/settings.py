@@ -46,6 +46,11 @@ class Settings:
     # 1: label each hop from the window ending one hop later (centred on the
     # hop's turn changes; +hop_s latency); 0: from the window ending with it.
     lookahead_hops: int = 0
+    # A hop whose window's score for any speaker fell by more than this
+    # since the previous hop's window gets a second look at the window's
+    # last 0.75 s (a talker may have taken over inside it; session.py,
+    # decision.second_look). 0: off; no effect with look-ahead.
+    change_drop: float = 0.1
     # Speech detector (diglett/engine/speech.py): "silero" (Silero VAD, onnxruntime)
     # or "energy" (20 ms frames at or above gate_dbfs; no model). A hop is
     # speech when at least speech_min_frac of it is (docs/accuracy.md).
@@ -209,6 +214,8 @@ class Settings:
             raise ValueError("DIGLETT_THRESHOLD must lie in [-1, 1]")
         if self.lookahead_hops not in (0, 1):
             raise ValueError("DIGLETT_LOOKAHEAD_HOPS must be 0 or 1")
+        if not 0.0 <= self.change_drop <= 2.0:
+            raise ValueError("DIGLETT_CHANGE_DROP must lie in [0, 2]")
         if not 0.0 <= self.rel_threshold <= 1.0:
             raise ValueError("DIGLETT_REL_THRESHOLD must lie in [0, 1]")
         if self.max_speakers < 1:

@@ -48,6 +48,10 @@ ADAPT_MAX_WEIGHT = 0.5
 # OTHERS_MIN_CONF, joins them.
 OTHERS_MARGIN = 0.1
 OTHERS_MIN_CONF = 0.9
+# A second look (see `second_look`): the last part's best speaker needs to
+# clear their bar, and beat the window's speaker, by SECOND_LOOK_MARGIN; a
+# last part that misses every bar by as much is nobody enrolled.
+SECOND_LOOK_MARGIN = 0.05
 
 NOISE = "noise"
 SILENCE = "silence"
@@ -203,6 +207,36 @@ def confident(scores: dict[str, float], bars: dict[str, float], label: str) -> b
         scores[label] - bars.get(label, -1.0) >= ADAPT_MARGIN
         and scores[label] - runner_up >= ADAPT_GAP
     )
+
+
+def score_drop(before: dict[str, float], now: dict[str, float]) -> float:
+    """How far any speaker's score fell from `before` (the previous hop's
+    window) to `now`: the sign that the talker changed inside the window
+    (negative when every score rose)."""
+    return max((before[k] - v for k, v in now.items() if k in before), default=0.0)
+
+
+def second_look(label: str, last: dict[str, float], bars: dict[str, float]) -> str:
+    """The label of a hop whose window may straddle a turn change, given the
+    scores `last` of the window's last part (the new talker's, if one took
+    over).
+
+    `label` is the whole window's (a speaker or `noise`). The last part
+    overrides it only where it is clear: another speaker over their bar and
+    over the window's speaker by `SECOND_LOOK_MARGIN`, a speaker where the
+    window was `noise` by that margin over the bar, or `noise` where it
+    misses every bar by that margin.
+    """
+    best = max(sorted(last), key=lambda k: last[k] - bars.get(k, -1.0))
+    over = last[best] - bars.get(best, -1.0)
+    if label == NOISE:
+        return best if over >= SECOND_LOOK_MARGIN else NOISE
+    if best != label and over >= SECOND_LOOK_MARGIN:
+        if last[best] - last.get(label, -1.0) >= SECOND_LOOK_MARGIN:
+            return best
+    if over <= -SECOND_LOOK_MARGIN:
+        return NOISE
+    return label
 
 
 @dataclass

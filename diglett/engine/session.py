@@ -27,6 +27,8 @@ from diglett.engine.decision import (
     clearly_nobody,
     closer_to_others,
     confident,
+    score_drop,
+    second_look,
 )
 from diglett.engine.decision import cosine_scores
 from diglett.engine.decision import decide, enrollment_reference, normalize
@@ -94,6 +96,18 @@ class HopJob:
     @property
     def audio(self) -> np.ndarray | None:
         return self.window
+
+
+@dataclass
+class LastPartJob:
+    """The last `speech.PART_MIN_S` of a hop's window, to be embedded for a
+    second look (`SessionEngine.followups`): the window's scores fell since
+    the previous hop's, so a new talker may have taken over inside it.
+    `hop` waits for it, with its window's `embedding` (d,)."""
+
+    hop: HopJob
+    embedding: np.ndarray
+    audio: np.ndarray
 
 
 @dataclass
@@ -183,7 +197,9 @@ class Summary:
     """Send the summary here, once the jobs before it have completed."""
 
 
-Action = Union[dict, Close, HopJob, EnrollWindowJob, EnrollJob, FlushHeld, Summary]
+Action = Union[
+    dict, Close, HopJob, LastPartJob, EnrollWindowJob, EnrollJob, FlushHeld, Summary
+]
 
 
 def is_speech(fraction: float, min_frac: float) -> bool:
@@ -267,6 +283,11 @@ class SessionEngine:
         self._prev_speech = False
         self._held: tuple[HopJob, np.ndarray | None] | None = None
         self._last_label: str | None = None  # the stream's last label sent
+        # Second look: the scores of the last hop's window (None after a
+        # hop without one), and the actions waiting on a LastPartJob.
+        self._prev_scores: dict[str, float] | None = None
+        self._resume: tuple[list[Action], dict[int, np.ndarray]] | None = None
+        self._followups: list[Action] = []
         self._floor = self._new_floor()
         self.stats = TalkStats()
         self._rate_t: float | None = None  # time of the last audio frame
@@ -275,6 +296,7 @@ class SessionEngine:
     # ----------------------------------------------------------------- input
     def on_text(self, text: str, t: float) -> list[Action]:
         """Handle one text frame received at time `t` (seconds, caller's clock)."""
+        self._check_resolved()
         if self.state == "closed":
             return []
         self._stray_answered = False
@@ -296,6 +318,7 @@ class SessionEngine:
 
     def on_binary(self, data: bytes, t: float) -> list[Action]:
         """Handle one binary (audio) frame received at time `t`."""
+        self._check_resolved()
         if self.state == "closed":
             return []
         if self.state not in ("enrolling", "streaming"):
@@ -334,6 +357,7 @@ class SessionEngine:
         self.state = "idle"
         self._windower = None
         self._held = None
+        self._resume, self._followups = None, []
         self._enroll_chunks = []
 
     def reattach(self) -> None:
@@ -369,12 +393,14 @@ class SessionEngine:
 
     # ------------------------------------------------------------ completion
     @staticmethod
-    def jobs(actions: list[Action]) -> list[HopJob | EnrollWindowJob | EnrollJob]:
+    def jobs(
+        actions: list[Action],
+    ) -> list[HopJob | LastPartJob | EnrollWindowJob | EnrollJob]:
         """The actions that need an embedding, in order."""
         return [
             a
             for a in actions
-            if isinstance(a, (HopJob, EnrollWindowJob, EnrollJob))
+            if isinstance(a, (HopJob, LastPartJob, EnrollWindowJob, EnrollJob))
             and a.audio is not None
             and getattr(a, "embed", True)
         ]
@@ -385,15 +411,31 @@ class SessionEngine:
         """Resolve `actions` in order, given the embeddings of `jobs(actions)`.
 
         Returns the messages to send and the close code (None: stay open).
+        Resolving stops at a hop that needs a second look: `followups()`
+        then holds the job to embed, and `finish(followups(), ...)` goes on
+        where this call stopped. `run` does the whole loop.
         """
         by_job = {id(j): e for j, e in zip(self.jobs(actions), embeddings)}
+        queue = list(actions)
+        if self._resume is not None:
+            rest, earlier = self._resume
+            self._resume = None
+            queue += rest
+            by_job.update(earlier)
         out: list[dict] = []
         close: int | None = None
-        for a in actions:
+        for i, a in enumerate(queue):
             if isinstance(a, EnrollWindowJob):
                 self._enroll_parts.setdefault(a.speaker, []).append(by_job[id(a)])
             elif isinstance(a, HopJob):
+                part = self._last_part(a, by_job.get(id(a)))
+                if part is not None:
+                    self._followups = [part]
+                    self._resume = (queue[i + 1 :], by_job)
+                    break
                 out.extend(self._resolve_hop(a, by_job.get(id(a))))
+            elif isinstance(a, LastPartJob):
+                out.append(self._complete_hop(a.hop, a.embedding, by_job[id(a)]))
             elif isinstance(a, FlushHeld):
                 out.extend(self._flush_held())
             elif isinstance(a, EnrollJob):
@@ -405,6 +447,71 @@ class SessionEngine:
             else:
                 out.append(a)
         return out, close
+
+    def followups(self) -> list[Action]:
+        """The jobs the last `finish` stopped at (a `LastPartJob`), to embed
+        and pass to `finish` next; [] once everything is resolved."""
+        out, self._followups = self._followups, []
+        return out
+
+    def run(self, actions: list[Action], embed) -> tuple[list[dict], int | None]:
+        """`finish` `actions` and their follow-ups, with `embed(jobs)` giving
+        the embeddings (d,) of a list of jobs; returns the messages and the
+        close code, as `finish`."""
+        out: list[dict] = []
+        close: int | None = None
+        while actions:
+            jobs = self.jobs(actions)
+            msgs, code = self.finish(actions, embed(jobs) if jobs else [])
+            out.extend(msgs)
+            close = code if code is not None else close
+            actions = self.followups()
+        return out, close
+
+    async def run_async(
+        self, actions: list[Action], embed
+    ) -> tuple[list[dict], int | None]:
+        """`run` with `await embed(jobs)` (the SessionActor's model calls).
+        If `embed` raises, the messages of this call are lost and the caller
+        ends the connection (`disconnect` drops what was left)."""
+        out: list[dict] = []
+        close: int | None = None
+        while actions:
+            jobs = self.jobs(actions)
+            msgs, code = self.finish(actions, await embed(jobs) if jobs else [])
+            out.extend(msgs)
+            close = code if code is not None else close
+            actions = self.followups()
+        return out, close
+
+    def _check_resolved(self) -> None:
+        if self._resume is not None:
+            raise RuntimeError("finish the pending followups() before new input")
+
+    def _last_part(
+        self, job: HopJob, embedding: np.ndarray | None
+    ) -> LastPartJob | None:
+        """The second look a hop needs, if any: its window's scores fell by
+        more than `change_drop` since the previous hop's window (a talker
+        may have taken over inside it, with no pause to cut at), and its
+        window is longer than the part. Not with look-ahead, whose window
+        is centred on the hop."""
+        n = int(round(speech.PART_MIN_S * SAMPLE_RATE))
+        if (
+            self.s.change_drop <= 0
+            or self.s.lookahead_hops
+            or embedding is None
+            or job.window is None
+            or job.window.size <= n
+            or self._prev_scores is None
+        ):
+            return None
+        scores, _, label, _ = self._window_label(job, embedding)
+        if label == SILENCE or score_drop(self._prev_scores, scores) <= (
+            self.s.change_drop
+        ):
+            return None
+        return LastPartJob(job, embedding, job.window[-n:])
 
     def complete(self, job: HopJob | EnrollJob, embedding: np.ndarray | None) -> dict:
         """Turn a job and its embedding (shape (d,), or None) into its message."""
@@ -465,24 +572,52 @@ class SessionEngine:
             "warnings": job.warnings,
         }
 
-    def _complete_hop(self, job: HopJob, embedding: np.ndarray | None) -> dict:
-        scores = None
+    def _complete_hop(
+        self,
+        job: HopJob,
+        embedding: np.ndarray | None,
+        last: np.ndarray | None = None,
+    ) -> dict:
+        """The label of `job` from its window's `embedding` (None: silence)
+        and, after a second look, its last part's embedding `last` (d,)."""
         if job.window is None or embedding is None:
-            label = SILENCE
-        else:
-            scores, bars, label = self._score(embedding)
-            if label == NOISE:
-                if is_background(
-                    job.confidence, self.s, job.level_dbfs, self._floor.floor()
-                ):
-                    label = SILENCE
-                elif clearly_nobody(scores, bars, job.confidence):
-                    self.others.add(embedding)
-            elif closer_to_others(embedding, self.others, scores[label], bars[label]):
-                label = NOISE
-            elif confident(scores, bars, label):
-                self.adapted[label].add(embedding)
+            self._prev_scores = None
+            return self._label_msg(job, SILENCE, None)
+        scores, bars, label, learn = self._window_label(job, embedding)
+        self._prev_scores = scores
+        if last is not None:
+            last_scores, _, _ = self._score(last)
+            looked = second_look(label, last_scores, bars)
+            if looked != label:  # the window mixes two talkers: learn nothing
+                label, scores, learn = looked, last_scores, None
+        if learn is not None:
+            learn.add(embedding)
         return self._label_msg(job, label, scores)
+
+    def _window_label(self, job: HopJob, embedding: np.ndarray) -> tuple[
+        dict[str, float],
+        dict[str, float],
+        str,
+        Adaptation | EmbeddingSum | None,
+    ]:
+        """(scores, bars, label, what learns from the window) for a hop's
+        window `embedding` (d,), by the rules of decision.py; the last is
+        the speaker's adaptation, the session's others or None, and is left
+        to the caller so that deciding changes nothing."""
+        scores, bars, label = self._score(embedding)
+        learn: Adaptation | EmbeddingSum | None = None
+        if label == NOISE:
+            if is_background(
+                job.confidence, self.s, job.level_dbfs, self._floor.floor()
+            ):
+                label = SILENCE
+            elif clearly_nobody(scores, bars, job.confidence):
+                learn = self.others
+        elif closer_to_others(embedding, self.others, scores[label], bars[label]):
+            label = NOISE
+        elif confident(scores, bars, label):
+            learn = self.adapted[label]
+        return scores, bars, label, learn
 
     def _score(
         self, embedding: np.ndarray
@@ -636,6 +771,7 @@ class SessionEngine:
         self._detector.reset()
         self._prev_speech = False
         self._last_label = None
+        self._prev_scores = None
         self._floor = self._new_floor()
         self.state = "streaming"
         return actions

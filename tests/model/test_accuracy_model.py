@@ -36,9 +36,9 @@ def run(engine: SessionEngine, embedder, items) -> list[dict]:
             actions = engine.on_text(item, 0.0)
         else:
             actions = engine.on_binary(item, 0.0)
-        jobs = engine.jobs(actions)
-        embs = embedder.embed([j.audio for j in jobs]) if jobs else []
-        out.extend(engine.finish(actions, embs)[0])
+        out.extend(
+            engine.run(actions, lambda js: embedder.embed([j.audio for j in js]))[0]
+        )
     return out
 
 

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from diglett.engine.decision import (
+    SECOND_LOOK_MARGIN,
+    score_drop,
+    second_look,
     NOISE,
     RESERVED_LABELS,
     SILENCE,
@@ -184,3 +187,36 @@ def test_speaker_threshold():
     assert speaker_threshold(None, 0.35, 0.25) == 0.25
     assert speaker_threshold(0.8, 0.0, 0.25) == 0.25
     assert speaker_threshold(-0.1, 0.35, 0.25) == 0.25
+
+
+# ------------------------------------------------------------- second look
+BARS = {"alice": 0.3, "bob": 0.3}
+
+
+def test_score_drop_is_the_largest_fall_of_any_speaker():
+    assert score_drop({"alice": 0.8, "bob": 0.1}, {"alice": 0.6, "bob": 0.3}) == (
+        pytest.approx(0.2)
+    )
+    assert score_drop({"alice": 0.5}, {"alice": 0.7}) == pytest.approx(-0.2)
+    # a speaker enrolled since the previous window has nothing to fall from
+    assert score_drop({"alice": 0.5}, {"alice": 0.5, "bob": 0.0}) == 0.0
+    assert score_drop({}, {"alice": 0.5}) == 0.0
+
+
+def test_second_look_hands_the_hop_to_a_clear_new_talker():
+    m = SECOND_LOOK_MARGIN
+    assert second_look("alice", {"alice": 0.1, "bob": 0.6}, BARS) == "bob"
+    # bob over his bar by the margin, but not over alice by it: alice stays
+    assert second_look("alice", {"alice": 0.35 + m, "bob": 0.35 + m + 0.01}, BARS) == (
+        "alice"
+    )
+    # bob under his bar by less than the margin: alice stays
+    assert second_look("alice", {"alice": 0.2, "bob": 0.3 + m / 2}, BARS) == "alice"
+
+
+def test_second_look_finds_nobody_or_an_enrolled_talker_after_noise():
+    m = SECOND_LOOK_MARGIN
+    assert second_look("alice", {"alice": 0.299 - m, "bob": 0.0}, BARS) == "noise"
+    assert second_look("alice", {"alice": 0.3 - m / 2, "bob": 0.0}, BARS) == "alice"
+    assert second_look("noise", {"alice": 0.301 + m, "bob": 0.0}, BARS) == "alice"
+    assert second_look("noise", {"alice": 0.3 + m / 2, "bob": 0.0}, BARS) == "noise"

@@ -245,9 +245,9 @@ def test_session_engine_any_frames(vad, seq):
         t += 0.05
         before = (eng.state, sorted(eng.enrollments), eng.fmt)
         acts = eng.on_text(payload, t) if is_text else eng.on_binary(payload, t)
-        jobs = eng.jobs(acts)
-        embs = [np.ones(192, dtype=np.float32) for _ in jobs]
-        msgs, close = eng.finish(acts, embs)
+        msgs, close = eng.run(
+            acts, lambda jobs: [np.ones(192, dtype=np.float32) for _ in jobs]
+        )
         for a in acts:
             kinds = (dict, Close, HopJob, EnrollWindowJob, EnrollJob, FlushHeld)
             assert isinstance(a, kinds + (Summary,))

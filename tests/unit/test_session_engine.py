@@ -19,6 +19,7 @@ from diglett.engine.session import (
     EnrollJob,
     EnrollWindowJob,
     HopJob,
+    LastPartJob,
     SessionEngine,
 )
 from diglett.engine.session import enrollment_windows
@@ -105,6 +106,7 @@ class Client:
         self.t = 1000.0
         self.rate, self.encoding = SR, "pcm_s16le"
         self.jobs: list = []
+        self.embedded: list = []  # every job embedded, second looks too
         self.log: list = []
 
     def run(self, actions) -> list:
@@ -115,15 +117,18 @@ class Client:
         self.jobs += [
             a for a in actions if isinstance(a, (HopJob, EnrollWindowJob, EnrollJob))
         ]
-        todo = self.engine.jobs(actions)
-        assert all(j.audio is not None for j in todo)
-        msgs, close = self.engine.finish(actions, [fake_embed(j.audio) for j in todo])
+        msgs, close = self.engine.run(actions, self.embed)
         for m in msgs:
             assert isinstance(m, dict)
             json.dumps(m)  # every message must be sendable as JSON
         out = msgs + ([Close(close)] if close is not None else [])
         self.log.extend(out)
         return out
+
+    def embed(self, jobs) -> list[np.ndarray]:
+        assert all(j.audio is not None for j in jobs)
+        self.embedded += jobs
+        return [fake_embed(j.audio) for j in jobs]
 
     def send(self, msg) -> list:
         text = msg if isinstance(msg, str) else json.dumps(msg)
@@ -1308,6 +1313,134 @@ def test_lookahead_setting_is_validated_and_announced():
     assert ToneSettings().info()["lookahead_s"] == 0.0
     with pytest.raises(ValueError, match="LOOKAHEAD"):
         Settings.from_env(env={"DIGLETT_LOOKAHEAD_HOPS": "2"})
+
+
+# ============================================================= second look
+def blend_embed(x: np.ndarray) -> np.ndarray:
+    """Like `fake_embed`, but a window of several voices is their blend,
+    weighted by each voice's share of the window's power: so a window into
+    which a new talker has come scores lower for the old one."""
+    x = np.asarray(x, dtype=np.float64)
+    power = np.abs(np.fft.rfft(x)) ** 2
+    freqs = np.fft.rfftfreq(x.size, 1 / SR)
+    share = {f: power[np.abs(freqs - f) <= 40.0].sum() for f in (ALICE, BOB, CAROL)}
+    total = sum(share.values())
+    if total <= 0:
+        return _E[4].copy()
+    return sum(share[f] / total * VOICES[f] for f in share)
+
+
+class BlendClient(Client):
+    def embed(self, jobs) -> list[np.ndarray]:
+        self.embedded += jobs
+        return [blend_embed(j.audio) for j in jobs]
+
+
+def blend_client(**kw) -> BlendClient:
+    c = BlendClient(ToneSettings(**kw))
+    c.enroll_ok("alice", ALICE)
+    c.enroll_ok("bob", BOB)
+    c.send({"type": "stream"})
+    return c
+
+
+def test_second_look_labels_a_talker_who_takes_over_without_a_pause():
+    """Hop 2 (1.0-1.5 s) is bob's, but its window (0-1.5 s) is two thirds
+    alice: alice's score falls from 1.0 to 0.89, and the window's last
+    0.75 s, bob's, decides."""
+    x = np.concatenate([tone(ALICE, 1.0), tone(BOB, 2.0)])
+    got = {}
+    for drop in (0.0, 0.05):
+        c = blend_client(change_drop=drop)
+        c.audio(x)
+        c.send({"type": "end"})
+        labs = labels(c.log)
+        assert_tiles(labs, total_s=3.0)
+        assert_summary_matches(summary_of(c.log), labs)
+        got[drop] = [m["label"] for m in labs]
+        looked = [j for j in c.embedded if isinstance(j, LastPartJob)]
+        if drop:
+            # alice's score keeps falling while her speech leaves the window
+            assert [j.hop.seq for j in looked] == [2, 3, 4]
+            assert all(j.audio.size == int(0.75 * SR) for j in looked)
+            assert labs[2]["scores"]["bob"] > labs[2]["scores"]["alice"]
+        else:
+            assert looked == []
+    assert got[0.0] == ["alice"] * 3 + ["bob"] * 3
+    assert got[0.05] == ["alice"] * 2 + ["bob"] * 4
+
+
+def test_second_look_that_changes_the_label_adapts_nothing():
+    """The window of hop 2 would count as a confident alice window; once its
+    last part says bob, it is a mix of two talkers and teaches no one."""
+    counts = {}
+    for drop in (0.0, 0.05):
+        c = blend_client(change_drop=drop)
+        c.audio(tone(ALICE, 1.0))
+        before = {k: a.count for k, a in c.engine.adapted.items()}
+        c.audio(tone(BOB, 0.5))
+        assert labels(c.log)[-1]["seq"] == 2
+        after = {k: a.count for k, a in c.engine.adapted.items()}
+        counts[drop] = {k: after[k] - before[k] for k in after}
+    assert counts[0.0] == {"alice": 1, "bob": 0}
+    assert counts[0.05] == {"alice": 0, "bob": 0}
+
+
+def test_no_second_look_while_one_talker_goes_on():
+    c = blend_client(change_drop=0.05)
+    c.audio(tone(ALICE, 3.0))
+    c.send({"type": "end"})
+    assert [m["label"] for m in labels(c.log)] == ["alice"] * 6
+    assert not [j for j in c.embedded if isinstance(j, LastPartJob)]
+
+
+def test_no_second_look_with_lookahead():
+    c = blend_client(change_drop=0.05, lookahead_hops=1)
+    c.audio(np.concatenate([tone(ALICE, 1.0), tone(BOB, 2.0)]))
+    c.send({"type": "end"})
+    assert len(labels(c.log)) == 6
+    assert not [j for j in c.embedded if isinstance(j, LastPartJob)]
+
+
+def test_finish_stops_at_a_second_look_and_resumes_after_it():
+    """The SessionActor's loop, by hand: `finish` answers the hops before
+    the one that needs a second look; new input is refused until the
+    follow-up is embedded; then the rest, summary and close included."""
+    c = blend_client(change_drop=0.05)
+    e = c.engine
+    actions = e.on_binary(c.encode(tone(ALICE, 1.0)), c.t)
+    actions += e.on_binary(c.encode(tone(BOB, 0.5)), c.t + 1.0)
+    actions += e.on_text(json.dumps({"type": "end"}), c.t + 1.5)
+    msgs, close = e.finish(actions, [blend_embed(j.audio) for j in e.jobs(actions)])
+    assert [m["seq"] for m in msgs] == [0, 1] and close is None
+    with pytest.raises(RuntimeError, match="followups"):
+        e.on_binary(c.encode(tone(BOB, 0.1)), c.t + 2.0)
+    [part] = e.followups()
+    assert isinstance(part, LastPartJob) and part.hop.seq == 2
+    assert e.followups() == []  # handed out once
+    msgs, close = e.finish([part], [blend_embed(part.audio)])
+    assert [m["type"] for m in msgs] == ["label", "summary"]
+    assert msgs[0]["seq"] == 2 and msgs[0]["label"] == "bob"
+    assert close == 1000
+
+
+def test_a_dropped_connection_forgets_a_pending_second_look():
+    c = blend_client(change_drop=0.05)
+    e = c.engine
+    c.audio(tone(ALICE, 1.0))
+    actions = e.on_binary(c.encode(tone(BOB, 0.5)), c.t)
+    e.finish(actions, [blend_embed(j.audio) for j in e.jobs(actions)])
+    assert e.followups()
+    e.disconnect()
+    e.reattach()
+    assert e.on_text(json.dumps({"type": "stream"}), c.t) == []
+
+
+def test_change_drop_setting_is_validated():
+    assert Settings().change_drop == 0.1
+    assert Settings.from_env(env={"DIGLETT_CHANGE_DROP": "0"}).change_drop == 0.0
+    with pytest.raises(ValueError, match="CHANGE_DROP"):
+        Settings.from_env(env={"DIGLETT_CHANGE_DROP": "-0.1"})
 
 
 # ============================================================ hold-back hint

@@ -131,9 +131,8 @@ def run_engine(settings: Settings, enroll: dict, stream: np.ndarray, embed):
     msgs, hop_jobs = [], []
 
     def handle(actions):
-        jobs = eng.jobs(actions)
-        hop_jobs.extend(j for j in jobs if isinstance(j, HopJob))
-        out, _ = eng.finish(actions, [embed(j) for j in jobs])
+        hop_jobs.extend(j for j in eng.jobs(actions) if isinstance(j, HopJob))
+        out, _ = eng.run(actions, lambda jobs: [embed(j) for j in jobs])
         msgs.extend(out)
 
     def send(x):
