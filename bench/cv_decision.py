@@ -107,6 +107,7 @@ ABLATIONS = (
         {"background_margin_db": 0.0},
     ),
     ("without learning the session's others", _no_others, {}),
+    ("without the second look", lambda: (lambda: None), {"change_drop": 0.0}),
 )
 
 
