@@ -194,6 +194,17 @@ def assert_tiles(labs, total_s: float | None = None, hop_s: float = 0.5) -> None
         assert labs[-1]["end_s"] == pytest.approx(total_s, abs=1.5 / SR)
 
 
+def stream_to_end(c: Client, x: np.ndarray) -> list[dict]:
+    """Stream `x` into `c`'s open stream and `end`; the labels, checked to
+    tile the audio and to match the summary."""
+    c.audio(x)
+    c.send({"type": "end"})
+    labs = labels(c.log)
+    assert_tiles(labs, total_s=x.size / SR)
+    assert_summary_matches(summary_of(c.log), labs)
+    return labs
+
+
 @pytest.fixture
 def two() -> Client:
     """A client with alice and bob enrolled."""
@@ -1208,12 +1219,7 @@ def test_lookahead_labels_each_hop_from_the_next_window():
             c.enroll_ok("alice", ALICE)
             c.enroll_ok("bob", BOB)
         c.send({"type": "stream"})
-        c.audio(x)
-        c.send({"type": "end"})
-        labs = labels(c.log)
-        assert_tiles(labs, total_s=3.0)
-        assert_summary_matches(summary_of(c.log), labs)
-        got[hops] = [m["label"] for m in labs]
+        got[hops] = [m["label"] for m in stream_to_end(c, x)]
     # hop 1.0-1.5 s: its own window (0-1.5 s) is mostly alice, the window
     # ending 0.5 s later (0.5-2.0 s) mostly bob, as is the hop itself
     assert got[0] == ["alice"] * 3 + ["bob"] * 3
@@ -1248,12 +1254,7 @@ def test_lookahead_silent_hop_after_speech_is_embedded_but_silent():
 def lookahead_labels(x: np.ndarray) -> list[dict]:
     c = ahead()
     c.send({"type": "stream"})
-    c.audio(x)
-    c.send({"type": "end"})
-    labs = labels(c.log)
-    assert_tiles(labs, total_s=x.size / SR)
-    assert_summary_matches(summary_of(c.log), labs)
-    return labs
+    return stream_to_end(c, x)
 
 
 def test_lookahead_fills_a_one_hop_pause_inside_a_turn():
@@ -1352,11 +1353,7 @@ def test_second_look_labels_a_talker_who_takes_over_without_a_pause():
     got = {}
     for drop in (0.0, 0.05):
         c = blend_client(change_drop=drop)
-        c.audio(x)
-        c.send({"type": "end"})
-        labs = labels(c.log)
-        assert_tiles(labs, total_s=3.0)
-        assert_summary_matches(summary_of(c.log), labs)
+        labs = stream_to_end(c, x)
         got[drop] = [m["label"] for m in labs]
         looked = [j for j in c.embedded if isinstance(j, LastPartJob)]
         if drop:
