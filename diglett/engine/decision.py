@@ -86,9 +86,19 @@ def decide(scores: dict[str, float], threshold: float | dict[str, float]) -> str
     if not isinstance(threshold, dict):
         best = max(sorted(scores), key=lambda name: scores[name])
         return best if scores[best] >= threshold else NOISE
-    bar = {k: threshold.get(k, -1.0) for k in scores}
-    best = max(sorted(scores), key=lambda name: scores[name] - bar[name])
-    return best if scores[best] >= bar[best] else NOISE
+    best, over = best_over_bar(scores, threshold)
+    return best if over >= 0 else NOISE
+
+
+def best_over_bar(
+    scores: dict[str, float], bars: dict[str, float]
+) -> tuple[str, float]:
+    """(the speaker whose score exceeds their bar the most, by how much);
+    a speaker missing from `bars` has no bar (-1). Ties go to the first
+    name in sorted order, so the result does not depend on dict order."""
+    over = {k: v - bars.get(k, -1.0) for k, v in scores.items()}
+    best = max(sorted(over), key=over.__getitem__)
+    return best, over[best]
 
 
 def enrollment_reference(
@@ -227,8 +237,7 @@ def second_look(label: str, last: dict[str, float], bars: dict[str, float]) -> s
     window was `noise` by that margin over the bar, or `noise` where it
     misses every bar by that margin.
     """
-    best = max(sorted(last), key=lambda k: last[k] - bars.get(k, -1.0))
-    over = last[best] - bars.get(best, -1.0)
+    best, over = best_over_bar(last, bars)
     if label == NOISE:
         return best if over >= SECOND_LOOK_MARGIN else NOISE
     if best != label and over >= SECOND_LOOK_MARGIN:
