@@ -590,6 +590,8 @@ class SessionEngine:
             looked = second_look(label, last_scores, bars)
             if looked != label:  # the window mixes two talkers: learn nothing
                 label, scores, learn = looked, last_scores, None
+                if label == NOISE and self._is_background(job):
+                    label = SILENCE  # what was left of the talker was babble
         if learn is not None:
             learn.add(embedding)
         return self._label_msg(job, label, scores)
@@ -607,9 +609,7 @@ class SessionEngine:
         scores, bars, label = self._score(embedding)
         learn: Adaptation | EmbeddingSum | None = None
         if label == NOISE:
-            if is_background(
-                job.confidence, self.s, job.level_dbfs, self._floor.floor()
-            ):
+            if self._is_background(job):
                 label = SILENCE
             elif clearly_nobody(scores, bars, job.confidence):
                 learn = self.others
@@ -618,6 +618,13 @@ class SessionEngine:
         elif confident(scores, bars, label):
             learn = self.adapted[label]
         return scores, bars, label, learn
+
+    def _is_background(self, job: HopJob) -> bool:
+        """Whether the speech of a hop that matches nobody enrolled is the
+        stream's background (`is_background`): `silence`, not `noise`."""
+        return is_background(
+            job.confidence, self.s, job.level_dbfs, self._floor.floor()
+        )
 
     def _score(
         self, embedding: np.ndarray

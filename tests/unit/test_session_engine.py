@@ -1383,6 +1383,24 @@ def test_second_look_that_changes_the_label_adapts_nothing():
     assert counts[0.05] == {"alice": 0, "bob": 0}
 
 
+def test_second_look_that_finds_only_the_background_labels_silence():
+    """Carol talks on at the stream's background level (babble) and alice
+    talks over her, then stops. Hop 13's window is still mostly alice, but
+    its last 0.75 s is carol alone: nobody enrolled, at the background
+    level, so `silence`, as a window of hers alone is, not `noise`."""
+    x = tone(CAROL, 7.0, amp=0.2)
+    x[int(4.0 * SR) : int(6.0 * SR)] += tone(ALICE, 2.0)
+    c = blend_client(change_drop=0.05)
+    labs = stream_to_end(c, x)
+    got = [m["label"] for m in labs]
+    assert got[6:8] == ["silence"] * 2  # carol alone, once the floor is known
+    assert got[8:13] == ["alice"] * 5
+    looked = [j.hop.seq for j in c.embedded if isinstance(j, LastPartJob)]
+    assert 13 in looked
+    assert got[13] == "silence"
+    assert labs[13]["scores"]["alice"] < 0.35  # the last part's scores
+
+
 def test_no_second_look_while_one_talker_goes_on():
     c = blend_client(change_drop=0.05)
     c.audio(tone(ALICE, 3.0))
