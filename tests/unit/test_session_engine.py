@@ -1398,7 +1398,7 @@ def test_second_look_that_finds_only_the_background_labels_silence():
     looked = [j.hop.seq for j in c.embedded if isinstance(j, LastPartJob)]
     assert 13 in looked
     assert got[13] == "silence"
-    assert labs[13]["scores"]["alice"] < 0.35  # the last part's scores
+    assert labs[13]["scores"]["alice"] < 0.35  # the last part's: under her bar
 
 
 def test_no_second_look_while_one_talker_goes_on():
