@@ -28,7 +28,10 @@ from diglett.engine import levels
 PART_GAP_S = 0.064
 PART_MIN_S = 0.75
 PART_QUANTUM_S = 0.25
-SILERO_THRESHOLD = 0.5  # a 32 ms frame is speech at this probability
+# A 32 ms frame is speech at this probability: 0.4, under Silero's own
+# 0.5, keeps more of quiet and reverberant talkers; chosen by
+# bench/cv_decision.py (docs/accuracy.md).
+SILERO_THRESHOLD = 0.4
 
 
 class SpeechDetector:
