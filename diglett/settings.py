@@ -65,6 +65,12 @@ class Settings:
     # levels.RecentFloor): speech barely over the background is the
     # background. 0: off.
     background_margin_db: float = 3.0
+    # Speech the detector misses yet 20 dB or more over the stream's
+    # background (a quiet talker in noise: Silero's probabilities fall with
+    # the level) is scored again in the hop's window raised by this many dB
+    # (speech.SileroDetector.recheck_quiet). 0: off; no effect with
+    # vad "energy".
+    quiet_gain_db: float = 30.0
     speech_min_frac: float = 0.3
     window_s: float = 1.5
     hop_s: float = 0.5
@@ -247,6 +253,8 @@ class Settings:
             raise ValueError("DIGLETT_BACKGROUND_PROB must lie in [0, 1]")
         if self.background_margin_db < 0:
             raise ValueError("DIGLETT_BACKGROUND_MARGIN_DB must be 0 or more")
+        if not 0.0 <= self.quiet_gain_db <= 60.0:
+            raise ValueError("DIGLETT_QUIET_GAIN_DB must lie in [0, 60]")
         if not 0.0 <= self.speech_min_frac <= 1.0:
             raise ValueError("DIGLETT_SPEECH_MIN_FRAC must lie in [0, 1]")
         if self.log_format not in ("json", "text"):

@@ -804,8 +804,16 @@ class SessionEngine:
 
     def _hop_jobs(self, hops, t: float) -> list[Action]:
         jobs: list[Action] = []
+        floor = self._floor.floor()
         for hop in hops:
             det = self._detector
+            det.recheck_quiet(
+                hop.end - hop.window.size,
+                hop.window,
+                hop.start,
+                floor,
+                self.s.quiet_gain_db,
+            )
             first, flags = det.frame_flags(hop.start, hop.hop_audio)
             frac = speech.speech_fraction(
                 first, det.frame_samples, flags, hop.start, hop.end

@@ -32,6 +32,16 @@ PART_QUANTUM_S = 0.25
 # 0.5, keeps more of quiet and reverberant talkers; chosen by
 # bench/cv_decision.py (docs/accuracy.md).
 SILERO_THRESHOLD = 0.4
+# Silero's probabilities fall with the level of the speech: a talker under
+# noise at -39 dBFS may never reach the threshold where the same recording
+# near full scale is near-certain speech. A hop's frames that stand at
+# least QUIET_OVER_DB over the stream's background yet fall under the
+# threshold are scored again with the hop's window raised by
+# `Settings.quiet_gain_db` (`SileroDetector.recheck_quiet`). Frames at the
+# background (a floor, faint babble) are never raised, so background stays
+# what the detector is unsure of. Chosen by bench/cv_decision.py
+# (docs/accuracy.md).
+QUIET_OVER_DB = 20.0
 
 
 class SpeechDetector:
@@ -60,6 +70,21 @@ class SpeechDetector:
         the mean speech probability of its speech frames there (0.0 with
         none); None for a detector without probabilities."""
         return None
+
+    def recheck_quiet(
+        self,
+        start: int,
+        window: np.ndarray,
+        hop_start: int,
+        floor_dbfs: float | None,
+        gain_db: float,
+    ) -> int:
+        """Score again the quiet speech a hop's frames may hold (see
+        `QUIET_OVER_DB`); `window` (n,) holds samples [start, start + n),
+        the hop [hop_start, start + n) at its end. Returns how many frames
+        were scored again (0: the model was not run, as always for a
+        detector without probabilities)."""
+        return 0
 
 
 class EnergyDetector(SpeechDetector):
@@ -111,6 +136,42 @@ class SileroDetector(SpeechDetector):
         probs = self._vad.frame_probs(start, end)
         return mean_speech_prob(probs, self._vad.threshold)
 
+    def recheck_quiet(
+        self,
+        start: int,
+        window: np.ndarray,
+        hop_start: int,
+        floor_dbfs: float | None,
+        gain_db: float,
+    ) -> int:
+        # A fresh model state on the raised window (the part before the hop
+        # warms it up), so the stream's own state is not disturbed; only
+        # the hops with such frames pay it (docs/accuracy.md measures how
+        # many).
+        from diglett.engine import vad
+
+        if floor_dbfs is None or gain_db <= 0:
+            return 0
+        self._score_pending()
+        end = start + window.size
+        fs = self.frame_samples
+        f0, f1 = self._vad.frame_range(hop_start, end)
+        f1 = min(f1, end // fs)  # whole frames of the window only
+        if f1 <= f0 or f0 * fs < start:
+            return 0
+        frame_levels = levels.frame_dbfs(window[f0 * fs - start : f1 * fs - start], fs)
+        probs = self._vad.frame_probs(f0 * fs, f1 * fs)
+        quiet = quiet_frames(frame_levels, probs, floor_dbfs, self._vad.threshold)
+        if not quiet.any():
+            return 0
+        k0 = -(-start // fs)  # the window's first whole frame
+        raised = vad.create(threshold=self._vad.threshold)
+        gain = np.float32(10 ** (gain_db / 20))
+        raised.push(np.clip(window[k0 * fs - start :] * gain, -1.0, 1.0))
+        second = raised.frame_probs(0, end - k0 * fs)[f0 - k0 : f1 - k0]
+        self._vad.raise_probs(f0, np.where(quiet, second, 0.0).astype(np.float32))
+        return int(np.count_nonzero(quiet))
+
 
 def window_lengths(window: int, sample_rate: int = 16000) -> list[int]:
     """The lengths (samples) of the windows a stream's hops send, after the
@@ -151,6 +212,19 @@ def speech_fraction(
     covered = np.maximum(b[:, 1] - b[:, 0], 0)
     total = int(covered.sum())
     return float(covered[flags].sum()) / total if total else 0.0
+
+
+def quiet_frames(
+    frame_levels: np.ndarray,
+    probs: np.ndarray,
+    floor_dbfs: float,
+    threshold: float,
+    over_db: float = QUIET_OVER_DB,
+) -> np.ndarray:
+    """Which frames (k,) to score again at a gain: at least `over_db` over
+    the stream's background `floor_dbfs`, yet under `threshold`; levels and
+    probabilities (k,) are of the same frames."""
+    return (frame_levels >= floor_dbfs + over_db) & (probs < threshold)
 
 
 def mean_speech_prob(probs: np.ndarray, threshold: float) -> float:

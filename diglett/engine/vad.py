@@ -201,6 +201,18 @@ class StreamingVad:
         f0, f1 = self.frame_range(start, end)
         return self._probs[f0 - self._first : f1 - self._first].copy()
 
+    def raise_probs(self, f0: int, probs: np.ndarray) -> None:
+        """Raise the kept probabilities of frames [f0, f0 + k) to at least
+        `probs` (k,): a second opinion on those frames
+        (`speech.SileroDetector.recheck_quiet`). Frames not kept or not yet
+        scored are left alone; the recurrent state is not touched."""
+        a = max(f0, self._first)
+        b = min(f0 + probs.size, self._frames)
+        if b <= a:
+            return
+        kept = self._probs[a - self._first : b - self._first]
+        np.maximum(kept, probs[a - f0 : b - f0], out=kept)
+
     def frame_flags(self, start: int, end: int) -> np.ndarray:
         """Speech flags (prob >= threshold), shape (f1 - f0,) bool, of the
         frames overlapping samples [start, end) (see `frame_probs`)."""

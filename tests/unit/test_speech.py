@@ -264,6 +264,50 @@ def test_a_restored_session_scores_and_adapts_every_speaker():
     assert eng.adapted["alice"].count == 2 and eng.adapted["bob"].count == 0
 
 
+def test_quiet_frames_stand_over_the_background_under_the_threshold():
+    levels = np.array([-30.0, -30.0, -45.0, -51.0])
+    probs = np.array([0.1, 0.9, 0.1, 0.1])
+    quiet = speech.quiet_frames(levels, probs, floor_dbfs=-70.0, threshold=0.4)
+    assert quiet.tolist() == [True, False, True, False]  # -51 is 19 dB over
+
+
+@needs_speakers
+def test_quiet_speech_in_recorded_noise_is_found_at_a_gain():
+    """The IEEE talker's recording with fridge noise at 5 dB SNR, placed at
+    -39 dBFS over a -70 dBFS floor: Silero passes it all as silence at its
+    own level; scored again at +30 dB, most of its hops are speech."""
+    x = load16(MORE / "IEEE-LoizouM" / "IEEE-LoizouM_S_02_02_fridge_snr5.wav")
+    stream = np.concatenate([white(4.0, -70.0), at_level(x, -39.0), white(1.0, -70)])
+    enroll = {"alice": at_level(x, -20.0)}
+
+    def labels(gain_db):
+        s = Settings(quiet_gain_db=gain_db)
+        return [m["label"] for m in run_engine(s, enroll, stream, constant)[0]]
+
+    off, on = labels(0.0), labels(30.0)
+    talk = slice(8, 14)  # the hops wholly inside the recording
+    assert off[talk] == ["silence"] * 6
+    assert on[talk].count("alice") >= 3
+    assert on[:8] == off[:8] == ["silence"] * 8  # the floor is never raised
+
+
+def test_the_quiet_recheck_leaves_the_background_alone():
+    """Frames at the stream's floor are not scored again; with
+    no floor known yet, or a gain of 0, nothing is."""
+    det = speech.SileroDetector()
+    noise = white(2.0, -50.0)
+    det.push(noise)
+    det.frame_flags(0, noise)  # scores what was pushed
+    before = det._vad.frame_probs(0, noise.size).copy()
+    assert before.size == 62
+    assert det.recheck_quiet(0, noise[:24000], 16000, -50.0, 30.0) == 0
+    assert det.recheck_quiet(0, noise[:24000], 16000, None, 30.0) == 0
+    assert det.recheck_quiet(0, noise[:24000], 16000, -90.0, 0.0) == 0
+    np.testing.assert_array_equal(det._vad.frame_probs(0, noise.size), before)
+    energy = speech.EnergyDetector(-55.0)
+    assert energy.recheck_quiet(0, noise[:24000], 16000, -90.0, 30.0) == 0
+
+
 def test_mean_speech_prob_is_over_the_speech_frames_only():
     probs = np.array([0.1, 0.6, 0.8, 0.3], np.float32)
     assert speech.mean_speech_prob(probs, 0.5) == pytest.approx(0.7)

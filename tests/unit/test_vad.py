@@ -101,6 +101,24 @@ def test_reset_clears_state(speech):
     )
 
 
+def test_raise_probs_raises_only_kept_scored_frames_and_keeps_the_state(speech):
+    quiet = at_level(speech, -60.0)
+    v, fresh = vad.create(), vad.create()
+    v.push(quiet[:16000])  # 31 whole frames
+    before = v.frame_probs(0, 16000)
+    v.raise_probs(29, np.array([1.0, 0.0, 1.0], np.float32))  # 29, 30, 31
+    after = v.frame_probs(0, 16000)
+    assert after[29] == 1.0 and after[30] == before[30]  # never lowered
+    np.testing.assert_array_equal(after[:29], before[:29])
+    assert after.size == before.size == 31  # frame 31 is not scored yet
+    # the recurrent state is the stream's own: later frames as without it
+    v.push(quiet[16000:])
+    fresh.push(quiet)
+    np.testing.assert_array_equal(
+        v.frame_probs(16384, quiet.size), fresh.frame_probs(16384, quiet.size)
+    )
+
+
 def test_session_is_loaded_once_per_process():
     assert vad.load_session() is vad.load_session()
     assert vad.create()._session is vad.create()._session
