@@ -108,6 +108,11 @@ ABLATIONS = (
     ),
     ("without learning the session's others", _no_others, {}),
     ("without the second look", lambda: (lambda: None), {"change_drop": 0.0}),
+    (
+        "without the quiet-speech recheck",
+        lambda: (lambda: None),
+        {"quiet_gain_db": 0.0},
+    ),
 )
 
 
