@@ -65,11 +65,11 @@ class Settings:
     # levels.RecentFloor): speech barely over the background is the
     # background. 0: off.
     background_margin_db: float = 3.0
-    # Speech the detector misses yet 20 dB or more over the stream's
-    # background (a quiet talker in noise: Silero's probabilities fall with
-    # the level) is scored again in the hop's window raised by this many dB
-    # (speech.SileroDetector.recheck_quiet). 0: off; no effect with
-    # vad "energy".
+    # Speech the detector misses yet over the stream's background by
+    # speech.QUIET_OVER_DB (a quiet talker in noise: Silero's probabilities
+    # fall with the level) is scored again in the hop's window raised by
+    # this many dB (speech.SileroDetector.recheck_quiet). 0: off; no effect
+    # with vad "energy".
     quiet_gain_db: float = 30.0
     speech_min_frac: float = 0.3
     window_s: float = 1.5

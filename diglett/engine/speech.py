@@ -38,10 +38,10 @@ SILERO_THRESHOLD = 0.4
 # least QUIET_OVER_DB over the stream's background yet fall under the
 # threshold are scored again with the hop's window raised by
 # `Settings.quiet_gain_db` (`SileroDetector.recheck_quiet`). Frames at the
-# background (a floor, faint babble) are never raised, so background stays
-# what the detector is unsure of. Chosen by bench/cv_decision.py
-# (docs/accuracy.md).
-QUIET_OVER_DB = 20.0
+# background (a floor, steady noise, most of faint babble) are not raised,
+# so background stays what the detector is unsure of. Chosen by
+# bench/cv_decision.py (docs/accuracy.md).
+QUIET_OVER_DB = 5.0
 
 
 class SpeechDetector:
@@ -161,6 +161,8 @@ class SileroDetector(SpeechDetector):
             return 0
         frame_levels = levels.frame_dbfs(window[f0 * fs - start : f1 * fs - start], fs)
         probs = self._vad.frame_probs(f0 * fs, f1 * fs)
+        if probs.size != frame_levels.size:  # frames no longer kept
+            return 0
         quiet = quiet_frames(frame_levels, probs, floor_dbfs, self._vad.threshold)
         if not quiet.any():
             return 0

@@ -265,10 +265,11 @@ def test_a_restored_session_scores_and_adapts_every_speaker():
 
 
 def test_quiet_frames_stand_over_the_background_under_the_threshold():
-    levels = np.array([-30.0, -30.0, -45.0, -51.0])
+    over = speech.QUIET_OVER_DB
+    levels = -70.0 + over + np.array([10.0, 10.0, 0.0, -0.5])
     probs = np.array([0.1, 0.9, 0.1, 0.1])
     quiet = speech.quiet_frames(levels, probs, floor_dbfs=-70.0, threshold=0.4)
-    assert quiet.tolist() == [True, False, True, False]  # -51 is 19 dB over
+    assert quiet.tolist() == [True, False, True, False]
 
 
 @needs_speakers
@@ -306,6 +307,13 @@ def test_the_quiet_recheck_leaves_the_background_alone():
     np.testing.assert_array_equal(det._vad.frame_probs(0, noise.size), before)
     energy = speech.EnergyDetector(-55.0)
     assert energy.recheck_quiet(0, noise[:24000], 16000, -90.0, 30.0) == 0
+
+
+def test_quiet_gain_setting_is_validated():
+    assert Settings.from_env(env={"DIGLETT_QUIET_GAIN_DB": "0"}).quiet_gain_db == 0
+    for bad in ("-1", "61", "loud"):
+        with pytest.raises(ValueError, match="DIGLETT_QUIET_GAIN_DB"):
+            Settings.from_env(env={"DIGLETT_QUIET_GAIN_DB": bad})
 
 
 def test_mean_speech_prob_is_over_the_speech_frames_only():
