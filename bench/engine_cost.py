@@ -37,8 +37,9 @@ def parse_variant(text: str, base: Settings) -> Settings:
     change = {}
     for part in filter(None, text.split(",")):
         key, _, raw = part.partition("=")
-        kind = type(getattr(base, key))
-        change[key] = kind(raw)
+        if not hasattr(base, key):
+            raise ValueError(f"no setting {key!r} (see diglett/settings.py)")
+        change[key] = type(getattr(base, key))(raw)
     return dataclasses.replace(base, **change)
 
 
