@@ -152,8 +152,10 @@ class FrameFlags:
 
 
 def clip_flags(x: np.ndarray, settings: Settings) -> FrameFlags:
-    """Speech flags of a whole clip `x` (16 kHz), from a fresh detector."""
-    det = speech.make_detector(settings.vad, settings.gate_dbfs)
+    """Speech flags of a whole clip `x` (16 kHz), from a fresh detector
+    that keeps all of its frames."""
+    history_s = x.size / SAMPLE_RATE + 1.0
+    det = speech.make_detector(settings.vad, settings.gate_dbfs, history_s)
     det.push(x)
     first, flags = det.frame_flags(0, x)
     return FrameFlags(first, det.frame_samples, flags)

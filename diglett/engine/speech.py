@@ -104,11 +104,17 @@ class EnergyDetector(SpeechDetector):
 class SileroDetector(SpeechDetector):
     """Silero VAD's frames (32 ms, aligned to the stream's start)."""
 
-    def __init__(self, threshold: float = SILERO_THRESHOLD) -> None:
+    def __init__(
+        self, threshold: float = SILERO_THRESHOLD, history_s: float | None = None
+    ) -> None:
+        """`history_s`: seconds of frames kept for queries (None: the
+        model wrapper's default, ample for a stream's window; a whole clip
+        needs its own length)."""
         from diglett.engine import vad
 
         self.frame_samples = vad.FRAME_SAMPLES
-        self._vad = vad.create(threshold=threshold)
+        kw = {} if history_s is None else {"history_s": history_s}
+        self._vad = vad.create(threshold=threshold, **kw)
         self._pending: list[np.ndarray] = []
 
     def push(self, x: np.ndarray) -> None:
@@ -188,10 +194,13 @@ def gap_frames(frame: int, sample_rate: int = 16000) -> int:
     return int(np.ceil(PART_GAP_S * sample_rate / frame)) - 1
 
 
-def make_detector(kind: str, gate_dbfs: float) -> SpeechDetector:
-    """The detector that `DIGLETT_VAD` names: "silero" or "energy"."""
+def make_detector(
+    kind: str, gate_dbfs: float, history_s: float | None = None
+) -> SpeechDetector:
+    """The detector that `DIGLETT_VAD` names: "silero" or "energy";
+    `history_s` as `SileroDetector` takes it."""
     if kind == "silero":
-        return SileroDetector()
+        return SileroDetector(history_s=history_s)
     if kind == "energy":
         return EnergyDetector(gate_dbfs)
     raise ValueError(f"unknown speech detector {kind!r}")

@@ -227,6 +227,21 @@ def test_recorded_noise_at_5_to_10_db_snr_is_noisy_and_studio_takes_are_not():
 
 
 @needs_speakers
+def test_a_long_enrollment_counts_all_of_its_speech(voices):
+    """8 s of speech, then 17 s of a quiet floor: the whole 25 s clip is
+    judged, not the detector's last seconds of history (a stream needs only
+    a window's worth; a clip needs all of it)."""
+    talk = at_level(np.concatenate(list(voices.values()))[: 8 * SR], -25.0)
+    clip = np.concatenate([talk, white(17.0, -70.0)])
+    flags = clip_flags(clip, Settings())
+    assert flags.first == 0 and flags.flags.size == clip.size // 512
+    assert speech.speech_seconds(flags.frame, flags.flags) > 6.0
+    _, _, other = run_engine(Settings(), {"alice": clip}, white(2.0, -70.0), constant)
+    enrolled = [m for m in other if m["type"] == "enrolled"]
+    assert enrolled and enrolled[0]["speech_s"] > 6.0, other
+
+
+@needs_speakers
 def test_mostly_silent_enrollment_is_too_short_however_long(voices):
     """5 s of audio holding ~1 s of speech: `enroll_too_short`, as the VAD
     counts speech (the level gate counted the noise floor in)."""
