@@ -157,8 +157,21 @@ def clip_flags(x: np.ndarray, settings: Settings) -> FrameFlags:
     history_s = x.size / SAMPLE_RATE + 1.0
     det = speech.make_detector(settings.vad, settings.gate_dbfs, history_s)
     det.push(x)
+    # Quiet speech, as in a stream (speech.QUIET_OVER_DB): a talker enrolling
+    # softly in noise is heard.
+    det.recheck_quiet(0, x, 0, clip_floor(x, settings), settings.quiet_gain_db)
     first, flags = det.frame_flags(0, x)
     return FrameFlags(first, det.frame_samples, flags)
+
+
+def clip_floor(x: np.ndarray, settings: Settings) -> float | None:
+    """A whole clip's background level, as a stream's (levels.RecentFloor):
+    the quieter tenth of its hop levels; None for a clip under a hop."""
+    h = settings.hop_samples
+    floor = levels.RecentFloor(span=max(1, x.size // h), least=1)
+    for end in range(h, x.size + 1, h):
+        floor.add(levels.rms_dbfs(x[end - h : end]))
+    return floor.floor()
 
 
 def enrollment_windows(

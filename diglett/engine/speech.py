@@ -173,7 +173,10 @@ class SileroDetector(SpeechDetector):
         if not quiet.any():
             return 0
         k0 = -(-start // fs)  # the window's first whole frame
-        raised = vad.create(threshold=self._vad.threshold)
+        raised = vad.create(
+            threshold=self._vad.threshold,
+            history_s=window.size / vad.SAMPLE_RATE + 1.0,  # all of the window
+        )
         gain = np.float32(10 ** (gain_db / 20))
         raised.push(np.clip(window[k0 * fs - start :] * gain, -1.0, 1.0))
         second = raised.frame_probs(0, end - k0 * fs)[f0 - k0 : f1 - k0]

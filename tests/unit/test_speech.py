@@ -242,6 +242,23 @@ def test_a_long_enrollment_counts_all_of_its_speech(voices):
 
 
 @needs_speakers
+def test_a_soft_enrollment_in_noise_is_heard_at_a_gain():
+    """The IEEE talker's fridge-noise recording at -45 dBFS between two
+    seconds of a -70 dBFS floor: Silero alone finds under the 1.5 s of
+    speech an enrollment needs; scored again at +30 dB, it enrolls."""
+    x = load16(MORE / "IEEE-LoizouM" / "IEEE-LoizouM_S_02_02_fridge_snr5.wav")
+    clip = np.concatenate([white(1.0, -70.0), at_level(x, -45.0), white(1.0, -70.0)])
+
+    def replies(gain_db):
+        s = Settings(quiet_gain_db=gain_db)
+        other = run_engine(s, {"alice": clip}, white(1.0, -70.0), constant)[2]
+        return [m.get("code", m["type"]) for m in other if m["type"] != "ready"]
+
+    assert "enroll_too_short" in replies(0.0)
+    assert "enrolled" in replies(30.0)
+
+
+@needs_speakers
 def test_mostly_silent_enrollment_is_too_short_however_long(voices):
     """5 s of audio holding ~1 s of speech: `enroll_too_short`, as the VAD
     counts speech (the level gate counted the noise floor in)."""
