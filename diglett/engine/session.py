@@ -168,9 +168,10 @@ def clip_floor(x: np.ndarray, settings: Settings) -> float | None:
     """A whole clip's background level, as a stream's (levels.RecentFloor):
     the quieter tenth of its hop levels; None for a clip under a hop."""
     h = settings.hop_samples
-    floor = levels.RecentFloor(span=max(1, x.size // h), least=1)
-    for end in range(h, x.size + 1, h):
-        floor.add(levels.rms_dbfs(x[end - h : end]))
+    hop_levels = levels.frame_dbfs(x[: x.size // h * h], h)
+    floor = levels.RecentFloor(span=max(1, hop_levels.size), least=1)
+    for level in hop_levels:
+        floor.add(float(level))
     return floor.floor()
 
 

@@ -113,8 +113,8 @@ class SileroDetector(SpeechDetector):
         from diglett.engine import vad
 
         self.frame_samples = vad.FRAME_SAMPLES
-        kw = {} if history_s is None else {"history_s": history_s}
-        self._vad = vad.create(threshold=threshold, **kw)
+        history_s = vad.DEFAULT_HISTORY_S if history_s is None else history_s
+        self._vad = vad.create(threshold=threshold, history_s=history_s)
         self._pending: list[np.ndarray] = []
 
     def push(self, x: np.ndarray) -> None:
@@ -154,8 +154,6 @@ class SileroDetector(SpeechDetector):
         # warms it up), so the stream's own state is not disturbed; only
         # the hops with such frames pay it (docs/accuracy.md measures how
         # many).
-        from diglett.engine import vad
-
         if floor_dbfs is None or gain_db <= 0:
             return 0
         self._score_pending()
@@ -172,6 +170,8 @@ class SileroDetector(SpeechDetector):
         quiet = quiet_frames(frame_levels, probs, floor_dbfs, self._vad.threshold)
         if not quiet.any():
             return 0
+        from diglett.engine import vad
+
         k0 = -(-start // fs)  # the window's first whole frame
         raised = vad.create(
             threshold=self._vad.threshold,
