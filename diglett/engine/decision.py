@@ -192,6 +192,13 @@ def clearly_nobody(
     return all(v - bars.get(k, -1.0) <= -OTHERS_MARGIN for k, v in scores.items())
 
 
+def clear_win(score: float, bar: float) -> bool:
+    """Whether a speaker's `score` clears their `bar` by `ADAPT_MARGIN`: a
+    win sure enough to adapt on, and to stand against the session's others
+    and the stream's background level."""
+    return score - bar >= ADAPT_MARGIN
+
+
 def closer_to_others(
     embedding: np.ndarray, others: EmbeddingSum, score: float, bar: float
 ) -> bool:
@@ -202,7 +209,7 @@ def closer_to_others(
     were taken for someone else is never shut out, and still adapts.
     """
     mean = others.mean
-    if mean is None or score - bar >= ADAPT_MARGIN:
+    if mean is None or clear_win(score, bar):
         return False
     return float(np.dot(normalize(embedding), mean)) > score
 
@@ -214,7 +221,7 @@ def confident(scores: dict[str, float], bars: dict[str, float], label: str) -> b
     others = [v for k, v in scores.items() if k != label]
     runner_up = max(others) if others else -1.0
     return (
-        scores[label] - bars.get(label, -1.0) >= ADAPT_MARGIN
+        clear_win(scores[label], bars.get(label, -1.0))
         and scores[label] - runner_up >= ADAPT_GAP
     )
 

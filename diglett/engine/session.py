@@ -24,6 +24,7 @@ from diglett.engine.decision import (
     Adaptation,
     EmbeddingSum,
     TalkStats,
+    clear_win,
     clearly_nobody,
     closer_to_others,
     confident,
@@ -243,6 +244,15 @@ def is_background(
     """
     if confidence is not None and confidence < settings.background_prob:
         return True
+    return at_background_level(settings, level_dbfs, floor_dbfs)
+
+
+def at_background_level(
+    settings: Settings, level_dbfs: float | None, floor_dbfs: float | None
+) -> bool:
+    """Whether a hop at `level_dbfs` stands less than `background_margin_db`
+    over the stream's background level `floor_dbfs` (None: not known yet;
+    off with the margin at 0)."""
     return (
         settings.background_margin_db > 0
         and level_dbfs is not None
@@ -608,9 +618,31 @@ class SessionEngine:
                 label, scores, learn = looked, last_scores, None
                 if label == NOISE and self._is_background(job):
                     label = SILENCE  # what was left of the talker was babble
+        if self._faint_match(job, label, scores, bars):
+            label = SILENCE
         if learn is not None:
             learn.add(embedding)
         return self._label_msg(job, label, scores)
+
+    def _faint_match(
+        self,
+        job: HopJob,
+        label: str,
+        scores: dict[str, float],
+        bars: dict[str, float],
+    ) -> bool:
+        """Whether a hop labelled a speaker is the stream's background after
+        all: at its background level (`at_background_level`), short of a
+        clear win over the speaker's bar. Babble that only brushes an
+        enrolled voice is nobody of the conversation talking, as it is
+        when it matches nobody (`is_background`); a talker who stands out
+        of the background, or matches clearly, keeps the label. Such a
+        window adapts nothing (`confident` asks for a clear win too)."""
+        return (
+            label in self.adapted
+            and not clear_win(scores[label], bars[label])
+            and at_background_level(self.s, job.level_dbfs, self._floor.floor())
+        )
 
     def _window_label(self, job: HopJob, embedding: np.ndarray) -> tuple[
         dict[str, float],

@@ -431,6 +431,39 @@ def test_steady_background_matching_nobody_becomes_silence_a_talker_stays_noise(
 
 
 @needs_speakers
+def test_background_that_only_brushes_alices_bar_is_silence_a_talker_keeps_it(
+    voices,
+):
+    """Steady noise the level gate takes for speech, whose windows just
+    reach alice's bar (0.3, by 0.05), then a talker as faint a match but
+    over the background: once the floor is known the noise's hops are
+    `silence`, the talker's alice. A clear match (by 0.3) keeps alice even
+    at the background level, and without the background level every hop is
+    alice."""
+    names = sorted(voices)
+    talker = at_level(voices[names[1]][: 3 * SR], -25.0)
+    stream = np.concatenate([white(6.0, -50.0), talker])
+    enroll = {"alice": at_level(voices[names[0]], -25.0)}
+
+    def labels(margin, alice_cosine):
+        def embed(job):
+            if not isinstance(job, HopJob):
+                return np.array([1.0, 0.0, 0.0], "f")
+            return np.array([alice_cosine, np.sqrt(1 - alice_cosine**2), 0.0], "f")
+
+        s = Settings(vad="energy", background_margin_db=margin)
+        return [m["label"] for m in run_engine(s, enroll, stream, embed)[0]]
+
+    faint, off = labels(3.0, 0.35), labels(0.0, 0.35)
+    assert off[:12] == ["alice"] * 12
+    assert faint[:6] == ["alice"] * 6  # the floor is not known yet
+    assert faint[6:12] == ["silence"] * 6
+    assert faint[13:17] == off[13:17] == ["alice"] * 4
+    clear = labels(3.0, 0.6)
+    assert clear[:12] + clear[13:17] == ["alice"] * 16
+
+
+@needs_speakers
 def test_an_intruder_heard_clearly_once_is_not_taken_for_alice_later(
     voices, monkeypatch
 ):
