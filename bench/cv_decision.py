@@ -93,6 +93,12 @@ def _no_others():
     return _patch(decision, "OTHERS_MIN_CONF", float("inf"))
 
 
+def _no_faint_match():
+    from diglett.engine import session
+
+    return _patch(session.SessionEngine, "_faint_match", lambda self, *a: False)
+
+
 # (name, patch returning its undo, settings changed): each step taken away
 # from the chosen setting alone, to show what it buys, and variants of it.
 ABLATIONS = (
@@ -113,6 +119,7 @@ ABLATIONS = (
         lambda: (lambda: None),
         {"quiet_gain_db": 0.0},
     ),
+    ("without faint matches at the background level", _no_faint_match, {}),
 )
 
 
