@@ -61,17 +61,17 @@ class Settings:
     # `silence`, not `noise` (session.is_background). 0: off.
     background_prob: float = 0.7
     # ...and so is one whose level is less than this many dB over the
-    # stream's background (the quieter tenth of its last 40 s of hops;
-    # levels.RecentFloor): speech barely over the background is the
+    # stream's background (the quieter tenth of its last 40 s in 0.1 s
+    # blocks; levels.RecentFloor): speech barely over the background is the
     # background. 0: off.
-    background_margin_db: float = 3.0
+    background_margin_db: float = 4.0
     # Speech the detector misses yet over the stream's background by
     # speech.QUIET_OVER_DB (a quiet talker in noise: Silero's probabilities
     # fall with the level) is scored again in the hop's window raised by
     # this many dB (speech.SileroDetector.recheck_quiet). 0: off; no effect
     # with vad "energy".
     quiet_gain_db: float = 30.0
-    speech_min_frac: float = 0.3
+    speech_min_frac: float = 0.45
     window_s: float = 1.5
     hop_s: float = 0.5
     # Most windows per model call; 0: 32 on a CPU replica, 512 on a GPU

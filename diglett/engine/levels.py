@@ -73,31 +73,40 @@ def clipping_fraction(x: np.ndarray) -> float:
 
 
 class RecentFloor:
-    """The stream's background level: a low percentile of its recent hops.
+    """The stream's background level: a low percentile of its recent levels.
 
     Between and under the talkers of a conversation a stream holds its
     background (a room's floor, steady noise, faraway babble); the quieter
-    tenth of the last `span` hop levels is a running estimate of it, and
-    speech barely over it is that background, not a talker (session.py).
-    `floor` is None until `least` hops are known.
+    tenth of the last `span` levels (of short blocks, session.py) is a
+    running estimate of it, and speech barely over it is that background,
+    not a talker. `floor` is None until `least` levels are known.
     """
 
     def __init__(self, span: int, least: int, percentile: float = 10.0) -> None:
         self._levels: deque[float] = deque(maxlen=max(1, span))
         self.least = least
         self.percentile = percentile
+        self._floor: float | None = None  # cached until the next level
 
     def add(self, level_dbfs: float) -> None:
-        """Count the level of the stream's next hop."""
+        """Count the level of the stream's next block."""
         self._levels.append(level_dbfs)
+        self._floor = None
+
+    def extend(self, levels_dbfs) -> None:
+        """Count the levels of the stream's next blocks, in order."""
+        self._levels.extend(float(x) for x in levels_dbfs)
+        self._floor = None
 
     def floor(self) -> float | None:
-        """The background level (dBFS) of the hops counted so far."""
+        """The background level (dBFS) of the levels counted so far."""
         if len(self._levels) < max(1, self.least):
             return None
-        # numpy's linear percentile, on a short list: sorted() is ~10x faster
-        xs = sorted(self._levels)
-        pos = (len(xs) - 1) * self.percentile / 100.0
-        lo = int(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+        if self._floor is None:
+            # numpy's linear percentile; sorted() is faster on a short list
+            xs = sorted(self._levels)
+            pos = (len(xs) - 1) * self.percentile / 100.0
+            lo = int(pos)
+            hi = min(lo + 1, len(xs) - 1)
+            self._floor = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+        return self._floor

@@ -57,10 +57,15 @@ CLIPPING_FRACTION = 0.001
 NOISY_SNR_DB = 15.0
 ENROLL_WINDOWS_MAX = 16  # most sub-windows embedded per enrollment
 HOLD_MAX_BYTES = 1 << 20  # most enrollment audio a caller holds back (hold_rule)
-# A stream's background level (is_background) is over its last FLOOR_SPAN_S
-# of hops, known once FLOOR_LEAST_S of them are (docs/accuracy.md).
+# A stream's background level (is_background) is the quieter tenth of the
+# levels of its last FLOOR_SPAN_S in blocks of FLOOR_BLOCK_S, known once
+# FLOOR_LEAST_S are. Blocks shorter than a hop find the background in the
+# short gaps of a quick conversation, which no whole hop falls into
+# (docs/accuracy.md).
 FLOOR_SPAN_S = 40.0
 FLOOR_LEAST_S = 3.0
+FLOOR_BLOCK_S = 0.1
+FLOOR_BLOCK = round(FLOOR_BLOCK_S * SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
@@ -160,19 +165,20 @@ def clip_flags(x: np.ndarray, settings: Settings) -> FrameFlags:
     det.push(x)
     # Quiet speech, as in a stream (speech.QUIET_OVER_DB): a talker enrolling
     # softly in noise is heard.
-    det.recheck_quiet(0, x, 0, clip_floor(x, settings), settings.quiet_gain_db)
+    det.recheck_quiet(0, x, 0, clip_floor(x), settings.quiet_gain_db)
     first, flags = det.frame_flags(0, x)
     return FrameFlags(first, det.frame_samples, flags)
 
 
-def clip_floor(x: np.ndarray, settings: Settings) -> float | None:
+def clip_floor(x: np.ndarray) -> float | None:
     """A whole clip's background level, as a stream's (levels.RecentFloor):
-    the quieter tenth of its hop levels; None for a clip under a hop."""
-    h = settings.hop_samples
-    hop_levels = levels.frame_dbfs(x[: x.size // h * h], h)
-    floor = levels.RecentFloor(span=max(1, hop_levels.size), least=1)
-    for level in hop_levels:
-        floor.add(float(level))
+    the quieter tenth of its `FLOOR_BLOCK_S` levels; None for a clip under
+    a block."""
+    block_levels = levels.frame_dbfs(
+        x[: x.size // FLOOR_BLOCK * FLOOR_BLOCK], FLOOR_BLOCK
+    )
+    floor = levels.RecentFloor(span=max(1, block_levels.size), least=1)
+    floor.extend(block_levels)
     return floor.floor()
 
 
@@ -687,8 +693,7 @@ class SessionEngine:
     def _label_msg(
         self, job: HopJob, label: str, scores: dict[str, float] | None
     ) -> dict:
-        """The `label` message of hop `job`; counts it in the stream's
-        background level and the summary."""
+        """The `label` message of hop `job`; counts it in the summary."""
         msg = {
             "type": "label",
             "seq": job.seq,
@@ -700,7 +705,6 @@ class SessionEngine:
             msg["scores"] = {k: round(v, 4) for k, v in scores.items()}
         msg["level_dbfs"] = round(job.level_dbfs, 1)
         msg["_recv_t"] = job.recv_t
-        self._floor.add(job.level_dbfs)
         self._last_label = label
         self.stats.add(label, job.end_s - job.start_s)
         return msg
@@ -882,12 +886,13 @@ class SessionEngine:
                     confidence=det.speech_confidence(hop.start, hop.end),
                 )
             )
+            self._floor.extend(levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK))
         return jobs
 
     def _new_floor(self) -> levels.RecentFloor:
         """A stream's background level, over its last `FLOOR_SPAN_S`."""
         return levels.RecentFloor(
-            round(FLOOR_SPAN_S / self.s.hop_s), round(FLOOR_LEAST_S / self.s.hop_s)
+            round(FLOOR_SPAN_S / FLOOR_BLOCK_S), round(FLOOR_LEAST_S / FLOOR_BLOCK_S)
         )
 
     def _speech_part(self, hop) -> np.ndarray:
