@@ -210,10 +210,14 @@ def pooled(scores: list[ConvScore]) -> mt.Score:
 
 
 def groups(devs, scores: list[ConvScore]) -> dict[str, dict[str, float]]:
-    """Accuracy by fold, condition and corpus."""
+    """Accuracy by fold, condition, gaps between turns and corpus."""
     out: dict[str, dict[str, mt.Score]] = defaultdict(dict)
     for d, s in zip(devs, scores):
-        for key, name in (("fold", d.fold), ("condition", d.condition)):
+        for key, name in (
+            ("fold", d.fold),
+            ("condition", d.condition),
+            ("gaps", d.gaps),
+        ):
             out[key][name] = out[key].get(name, mt.Score()) + s.total
         for corp, sc in s.by_corpus.items():
             out["corpus"][corp] = out["corpus"].get(corp, mt.Score()) + sc
@@ -368,8 +372,11 @@ def markdown(res: dict, today: dict | None = None) -> str:
     out += rows
     for key, title in (
         ("condition", "condition"),
+        ("gaps", "gaps between turns (as built, or quick: cut to 0.3 s)"),
         ("corpus", "corpus (frames of its talkers)"),
     ):
+        if key not in cv["groups"]:
+            continue
         names = list(cv["groups"][key])
         out += ["", f"By {title}, over the five cross-validation folds:", ""]
         out.append("| method | " + " | ".join(names) + " |")
@@ -383,7 +390,9 @@ def markdown(res: dict, today: dict | None = None) -> str:
             srcs.append(("seed", res["seed"]["groups"]))
         for name, g in srcs:
             out.append(
-                f"| {name} | " + " | ".join(pct(g[key].get(n)) for n in names) + " |"
+                f"| {name} | "
+                + " | ".join(pct(g.get(key, {}).get(n)) for n in names)
+                + " |"
             )
     return "\n".join(out) + "\n"
 

@@ -16,6 +16,11 @@ A conversation (`build`):
   conversation, each turn within +-3 dB of it, all inside -45..-12 dBFS.
 - Between turns, 0.2-2 s of silence; at about one change in five the next
   turn starts 0.1-0.5 s early instead (overlap; truth `noise`, both talking).
+  Each conversation also comes as a *quick* copy (`squeeze_gaps`): every
+  silence longer than `QUICK_GAP_S` cut to its middle `QUICK_GAP_S`, the
+  talk, noise and enrollments the same. In a quick conversation no 0.5 s
+  hop falls wholly between turns, as when people answer each other
+  promptly.
 - One condition per conversation (`CONDITIONS`): a faint floor only; white,
   pink or babble noise (other fold speakers, 4-6 at once) at 5-30 dB under
   the quieter enrolled talker, the intruder raised to at least
@@ -49,6 +54,7 @@ CONDITIONS = ("clean", "white", "pink", "babble", "reverb")
 HELD = "held"
 N_FOLDS = 5
 INTRUDER_MIN_SNR_DB = 5.0  # the least SNR the issue's conditions ask for
+QUICK_GAP_S = 0.3  # the longest silence of a quick copy (squeeze_gaps)
 # Kept back from every tuning run: one or two speakers of each big corpus.
 HELD_SPEAKERS = (
     "TIMIT-FALR0",
@@ -77,6 +83,7 @@ class DevConversation:
     snr_db: float | None
     conv: cv.Conversation
     corpus: dict[str, str]  # speaker -> corpus
+    gaps: str = "as built"  # or "quick" (squeeze_gaps)
 
 
 def short_corpus(name: str) -> str:
@@ -355,15 +362,44 @@ def fold_conversations(
     return out
 
 
+def squeeze_gaps(d: DevConversation, gap_s: float) -> DevConversation:
+    """`d` with every silence in its truth longer than `gap_s` cut to its
+    middle `gap_s` (audio and truth alike); talk and overlaps stay whole."""
+    c = d.conv
+    keep = int(round(gap_s * SAMPLE_RATE))
+    parts, truth, t = [], [], 0
+    for s, e, label in c.truth:
+        a, b = int(round(s * SAMPLE_RATE)), int(round(e * SAMPLE_RATE))
+        if label == cv.SILENCE and b - a > keep:
+            a = (a + b - keep) // 2
+            b = a + keep
+        parts.append(c.signal[a:b])
+        truth.append((t / SAMPLE_RATE, (t + b - a) / SAMPLE_RATE, label))
+        t += b - a
+    conv = dataclasses.replace(c, signal=np.concatenate(parts), truth=truth)
+    return dataclasses.replace(d, conv=conv)
+
+
+def quick_copy(d: DevConversation) -> DevConversation:
+    """`d` as a quick conversation (see the module doc)."""
+    q = squeeze_gaps(d, QUICK_GAP_S)
+    return dataclasses.replace(q, key=f"quick-{d.key}", gaps="quick")
+
+
 def dev_set(
-    per_condition: int = 4, seed: int = 20261205, which: list[str] | None = None
+    per_condition: int = 4,
+    seed: int = 20261205,
+    which: list[str] | None = None,
+    quick: bool = True,
 ) -> list[DevConversation]:
-    """The conversations of the folds in `which` (default: all, HELD last)."""
+    """The conversations of the folds in `which` (default: all, HELD last),
+    each fold's quick copies after its own (`quick`)."""
     speakers = load()
     fs = folds(speakers)
     out = []
     for f in which or list(fs):
-        out += fold_conversations(speakers, f, fs[f], per_condition, seed)
+        convs = fold_conversations(speakers, f, fs[f], per_condition, seed)
+        out += convs + ([quick_copy(d) for d in convs] if quick else [])
     return out
 
 

@@ -71,7 +71,7 @@ class Settings:
     # this many dB (speech.SileroDetector.recheck_quiet). 0: off; no effect
     # with vad "energy".
     quiet_gain_db: float = 30.0
-    speech_min_frac: float = 0.45
+    speech_min_frac: float = 0.3
     window_s: float = 1.5
     hop_s: float = 0.5
     # Most windows per model call; 0: 32 on a CPU replica, 512 on a GPU
