@@ -1,6 +1,6 @@
 """The dev set again with the silence between turns cut short.
 
-`bench/devset.py` leaves 0.2–2 s between turns, so a quarter of a
+`bench/devset.py` leaves 0.2–2 s between turns, so a third of a
 conversation is nobody talking and a rule that learns the stream's
 background from whole quiet hops always finds some. People in a quick
 conversation leave a few hundred milliseconds, and no 0.5 s hop falls

@@ -88,11 +88,6 @@ class RecentFloor:
         self.percentile = percentile
         self._floor: float | None = None  # cached until the next level
 
-    def add(self, level_dbfs: float) -> None:
-        """Count the level of the stream's next block."""
-        self._levels.append(level_dbfs)
-        self._floor = None
-
     def extend(self, levels_dbfs) -> None:
         """Count the levels of the stream's next blocks, in order."""
         self._levels.extend(float(x) for x in levels_dbfs)

@@ -141,15 +141,13 @@ def test_clipping_fraction():
 
 
 # --------------------------------------------------------------- RecentFloor
-def test_recent_floor_is_a_low_percentile_of_the_last_span_hops():
+def test_recent_floor_is_a_low_percentile_of_the_last_span_levels():
     f = levels.RecentFloor(span=10, least=3)
-    f.add(-60.0)
-    f.add(-20.0)
-    assert f.floor() is None  # fewer than `least` hops
-    for db in (-20.0,) * 8:
-        f.add(db)
+    f.extend([-60.0, -20.0])
+    assert f.floor() is None  # fewer than `least` levels
+    f.extend([-20.0] * 8)
     assert f.floor() == pytest.approx(np.percentile([-60.0] + [-20.0] * 9, 10))
-    f.add(-20.0)  # the -60 dB hop leaves the span
+    f.extend([-20.0])  # the -60 dB level leaves the span (the cached floor too)
     assert f.floor() == pytest.approx(-20.0)
 
 
@@ -158,6 +156,5 @@ def test_recent_floor_matches_numpys_percentile(n):
     rng = np.random.default_rng(n)
     xs = rng.uniform(-90, -10, n)
     f = levels.RecentFloor(span=80, least=1, percentile=10.0)
-    for x in xs:
-        f.add(float(x))
+    f.extend(xs)
     assert f.floor() == pytest.approx(np.percentile(xs, 10.0))
