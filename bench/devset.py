@@ -367,7 +367,7 @@ def squeeze_gaps(d: DevConversation, gap_s: float) -> DevConversation:
     middle `gap_s` (audio and truth alike); talk and overlaps stay whole."""
     c = d.conv
     keep = int(round(gap_s * SAMPLE_RATE))
-    parts, truth, t = [], [], 0
+    parts, truth, kept, t = [], [], [], 0
     for s, e, label in c.truth:
         a, b = int(round(s * SAMPLE_RATE)), int(round(e * SAMPLE_RATE))
         if label == cv.SILENCE and b - a > keep:
@@ -375,8 +375,22 @@ def squeeze_gaps(d: DevConversation, gap_s: float) -> DevConversation:
             b = a + keep
         parts.append(c.signal[a:b])
         truth.append((t / SAMPLE_RATE, (t + b - a) / SAMPLE_RATE, label))
+        kept.append((s, e, a / SAMPLE_RATE, b / SAMPLE_RATE, t / SAMPLE_RATE))
         t += b - a
-    conv = dataclasses.replace(c, signal=np.concatenate(parts), truth=truth)
+
+    def moved(x: float) -> float:  # a time of `c` in the squeezed copy
+        for s, e, a, b, new in kept:
+            if x < e or (s, e) == kept[-1][:2]:
+                return new + min(max(x, a), b) - a
+        return t / SAMPLE_RATE
+
+    turns = [
+        dataclasses.replace(u, start_s=moved(u.start_s), end_s=moved(u.end_s))
+        for u in c.turns
+    ]
+    conv = dataclasses.replace(
+        c, signal=np.concatenate(parts), truth=truth, turns=turns
+    )
     return dataclasses.replace(d, conv=conv)
 
 

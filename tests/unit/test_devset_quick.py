@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bench import conversations as cv
 from bench import devset
@@ -20,6 +21,7 @@ def _dev(truth: list[tuple[float, float, str]]) -> devset.DevConversation:
         enroll_files={},
         signal=np.arange(n, dtype=np.float32),  # each sample its own index
         truth=truth,
+        turns=[cv.Turn("A", "A", "a.wav", 0.0, 1.5, 1.0, 2.5, -20.0)],
     )
     return devset.DevConversation("k", "0", "clean", None, conv, {})
 
@@ -48,6 +50,8 @@ def test_long_silences_are_cut_to_their_middle_talk_and_overlaps_stay():
     assert np.array_equal(
         out.signal[int(0.3 * SR) : int(1.8 * SR)], np.arange(SR, int(2.5 * SR))
     )
+    turn = out.turns[0]  # where A's turn now sits
+    assert (turn.start_s, turn.end_s) == pytest.approx((0.3, 1.8))
     assert d.conv.signal.size == 5 * SR  # the original is left alone
 
 
