@@ -379,10 +379,10 @@ def squeeze_gaps(d: DevConversation, gap_s: float) -> DevConversation:
         t += b - a
 
     def moved(x: float) -> float:  # a time of `c` in the squeezed copy
-        for s, e, a, b, new in kept:
-            if x < e or (s, e) == kept[-1][:2]:
+        for _, e, a, b, new in kept:
+            if x < e:
                 return new + min(max(x, a), b) - a
-        return t / SAMPLE_RATE
+        return t / SAMPLE_RATE  # the end
 
     turns = [
         dataclasses.replace(u, start_s=moved(u.start_s), end_s=moved(u.end_s))
