@@ -98,6 +98,10 @@ class HopJob:
     # The detector's mean speech probability over the hop's speech frames
     # (speech.SpeechDetector.speech_confidence); None: not known.
     confidence: float | None = None
+    # Where the window's last run of speech starts (seconds on the stream's
+    # timeline); None: no window, or no speech in it. With look-ahead it
+    # says whether this window continues the previous hop's talk.
+    run_start_s: float | None = None
 
     @property
     def audio(self) -> np.ndarray | None:
@@ -223,6 +227,18 @@ class Summary:
 Action = Union[
     dict, Close, HopJob, LastPartJob, EnrollWindowJob, EnrollJob, FlushHeld, Summary
 ]
+
+
+def continues(nxt: HopJob, hop: HopJob) -> bool:
+    """Whether the window of the hop after `hop` (look-ahead) continues
+    `hop`'s talk: its last speech run started by the time `hop` ended.
+    A run that starts later is whoever speaks after a pause, maybe the
+    next talker, so `hop` keeps its own window (docs/accuracy.md)."""
+    return (
+        nxt.window is not None
+        and nxt.run_start_s is not None
+        and nxt.run_start_s <= hop.end_s
+    )
 
 
 def is_speech(fraction: float, min_frac: float) -> bool:
@@ -552,15 +568,18 @@ class SessionEngine:
         return self._complete_hop(job, embedding)
 
     def _resolve_hop(self, job: HopJob, embedding: np.ndarray | None) -> list[dict]:
-        """The labels a hop's embedding completes (look-ahead: the previous hop)."""
+        """The labels a hop's embedding completes. With look-ahead, the
+        previous hop's: from this hop's window when it `continues` that
+        hop's talk, else from the previous hop's own window."""
         if not self.s.lookahead_hops:
             return [self._complete_hop(job, embedding)]
         held, self._held = self._held, (job, embedding)
         if held is None:
             return []
-        prev, _ = held
+        prev, own = held
         if prev.speech:
-            return [self._complete_hop(prev, embedding)]
+            ahead = embedding if continues(job, prev) else own
+            return [self._complete_hop(prev, ahead)]
         return [self._complete_pause(prev, job, embedding)]
 
     def _complete_pause(
@@ -874,16 +893,18 @@ class SessionEngine:
             # With look-ahead, a hop's window also labels the hop before it.
             needed = is_sp or (self.s.lookahead_hops > 0 and self._prev_speech)
             self._prev_speech = is_sp
+            window, run = self._speech_part(hop) if needed else (None, None)
             jobs.append(
                 HopJob(
                     seq=hop.seq,
                     start_s=hop.start / SAMPLE_RATE,
                     end_s=hop.end / SAMPLE_RATE,
                     level_dbfs=levels.rms_dbfs(hop.hop_audio),
-                    window=self._speech_part(hop) if needed else None,
+                    window=window,
                     recv_t=t,
                     speech=is_sp,
                     confidence=det.speech_confidence(hop.start, hop.end),
+                    run_start_s=None if run is None else run / SAMPLE_RATE,
                 )
             )
             self._floor.extend(levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK))
@@ -895,9 +916,10 @@ class SessionEngine:
             round(FLOOR_SPAN_S / FLOOR_BLOCK_S), round(FLOOR_LEAST_S / FLOOR_BLOCK_S)
         )
 
-    def _speech_part(self, hop) -> np.ndarray:
+    def _speech_part(self, hop) -> tuple[np.ndarray, int | None]:
         """The hop's window from where its last run of speech starts
-        (`speech.speech_part_start`), shape (m,), m <= the window's length."""
+        (`speech.speech_part_start`), shape (m,), m <= the window's length;
+        and that run's start sample (None: no speech in the window)."""
         det = self._detector
         w_start = hop.end - hop.window.size
         first, flags = det.frame_flags(w_start, hop.window)
@@ -905,7 +927,7 @@ class SessionEngine:
             first, det.frame_samples, flags, speech.gap_frames(det.frame_samples)
         )
         start = speech.speech_part_start(w_start, hop.end, run, det.frame_samples)
-        return hop.window[start - w_start :]
+        return hop.window[start - w_start :], run
 
     def _add_enroll_audio(self, x: np.ndarray) -> None:
         room = int(self.s.enroll_max_s * SAMPLE_RATE) - self._enroll_len

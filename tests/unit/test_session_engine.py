@@ -22,7 +22,7 @@ from diglett.engine.session import (
     LastPartJob,
     SessionEngine,
 )
-from diglett.engine.session import enrollment_windows
+from diglett.engine.session import continues, enrollment_windows
 from diglett.settings import Settings
 
 SR = 16000
@@ -1224,6 +1224,20 @@ def test_lookahead_labels_each_hop_from_the_next_window():
     # ending 0.5 s later (0.5-2.0 s) mostly bob, as is the hop itself
     assert got[0] == ["alice"] * 3 + ["bob"] * 3
     assert got[1] == ["alice"] * 2 + ["bob"] * 4
+
+
+def test_lookahead_keeps_a_hop_from_the_talker_after_a_short_pause():
+    """Alice stops at 1.0 s and bob answers 0.15 s later: the window
+    ending at 1.5 s is cut to bob's run (and a little before it), so hop
+    0.5-1.0 s keeps its own window, all alice."""
+    x = np.concatenate([tone(ALICE, 1.0), silence(0.15), tone(BOB, 1.35)])
+    c = ahead()
+    c.send({"type": "stream"})
+    labs = stream_to_end(c, x)
+    assert [m["label"] for m in labs] == ["alice"] * 2 + ["bob"] * 3
+    hops = [j for j in c.jobs if isinstance(j, HopJob)]
+    assert hops[2].run_start_s == pytest.approx(1.15, abs=0.04)
+    assert not continues(hops[2], hops[1]) and continues(hops[1], hops[0])
 
 
 def test_lookahead_holds_one_hop_back_and_keeps_its_recv_t():
