@@ -312,11 +312,13 @@ def run(args) -> dict:
             }
             print(f"ablation {name}: {res['ablations'][name]}", flush=True)
     if not args.skip_extras:
-        la = dataclasses.replace(chosen, lookahead_hops=1)
-        la_sc = score_all(devs, preps, la, cache, args.jobs)
+        extras = []
+        for name, hops in LOOKAHEADS:
+            la = dataclasses.replace(chosen, lookahead_hops=hops)
+            extras.append((name, score_all(devs, preps, la, cache, args.jobs)))
         seed_sc = [score_conv(d, seed_labels(p, cache)) for d, p in zip(devs, preps)]
         cache.save()
-        for name, sc in (("lookahead", la_sc), ("seed", seed_sc)):
+        for name, sc in extras + [("seed", seed_sc)]:
             res[name] = {
                 "cv_folds": [pooled([sc[i] for i in idx[f]]).accuracy for f in folds],
                 "pooled": pooled([sc[i] for i in cv_idx]).as_dict(),
@@ -327,12 +329,21 @@ def run(args) -> dict:
     return res
 
 
+# The look-ahead rows (`DIGLETT_LOOKAHEAD_HOPS`) beside the defaults.
+LOOKAHEADS = (("lookahead", 1.0), ("lookahead_half", 0.5))
+
+
+def ahead_name(hops: float) -> str:
+    return f"{hops * Settings().hop_s:g} s look-ahead"
+
+
 def pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
-def markdown(res: dict, today: dict | None = None) -> str:
-    """The tables of docs/accuracy.md (and the README's)."""
+def markdown(res: dict, today: dict | None = None, ablations: bool = True) -> str:
+    """The tables of docs/accuracy.md (and the README's, without the
+    ablation rows: `ablations` False)."""
     cv = res["cv"]
     folds = [r["fold"] for r in cv["folds"]]
     cols = ["method"] + [f"fold {f}" for f in folds] + ["mean", "worst", "held-back"]
@@ -352,14 +363,17 @@ def markdown(res: dict, today: dict | None = None) -> str:
             res["held"]["accuracy"],
         )
     )
-    if "lookahead" in res:
-        la = res["lookahead"]
-        rows.append(row("the same, 0.5 s look-ahead", la["cv_folds"], la["held"]))
+    for name, hops in LOOKAHEADS:
+        if name in res:
+            la = res[name]
+            rows.append(
+                row(f"the same, {ahead_name(hops)}", la["cv_folds"], la["held"])
+            )
     if today:
         rows.append(
             row("before (energy gate, whole windows)", today["cv_folds"], today["held"])
         )
-    for name, ab in res.get("ablations", {}).items():
+    for name, ab in res.get("ablations", {}).items() if ablations else ():
         rows.append(row(f"new defaults {name}", ab["cv_folds"], ab["held"]))
     if "seed" in res:
         rows.append(
@@ -382,8 +396,9 @@ def markdown(res: dict, today: dict | None = None) -> str:
         out.append("| method | " + " | ".join(names) + " |")
         out.append("|" + "---|" * (len(names) + 1))
         srcs = [("new defaults", cv["groups"])]
-        if "lookahead" in res:
-            srcs.append(("0.5 s look-ahead", res["lookahead"]["groups"]))
+        for name, hops in LOOKAHEADS:
+            if name in res:
+                srcs.append((ahead_name(hops), res[name]["groups"]))
         if today:
             srcs.append(("before", today["groups"]))
         if "seed" in res:
@@ -421,6 +436,11 @@ def main(argv=None) -> int:
         help="a file whose cv_decision block gets the tables ('' = none)",
     )
     ap.add_argument("--report-only", action="store_true", help="tables from --out")
+    ap.add_argument(
+        "--no-ablation-rows",
+        action="store_true",
+        help="leave the ablations out of the tables (the README's)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.per_condition = 1
@@ -440,7 +460,7 @@ def main(argv=None) -> int:
         res["today"] = today
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
-    table = markdown(res, today)
+    table = markdown(res, today, ablations=not args.no_ablation_rows)
     if args.table:
         write_block(Path(args.table), "cv_decision", table)
     print(table)

@@ -43,9 +43,10 @@ class Settings:
     # Per-speaker bar = rel_threshold x the enrollment's self-score (see
     # diglett/engine/decision.py); 0 turns it off and `threshold` applies to all.
     rel_threshold: float = 0.3
-    # 1: label each hop from the window ending one hop later (centred on the
-    # hop's turn changes; +hop_s latency); 0: from the window ending with it.
-    lookahead_hops: int = 0
+    # Look-ahead, in hops (0 to 1): label each hop once this much more audio
+    # has come, from the window ending that much later where the talk goes
+    # on into it (session.py; + lookahead_hops x hop_s latency); 0: none.
+    lookahead_hops: float = 0.0
     # A hop whose window's score for any speaker fell by more than this
     # since the previous hop's window gets a second look at the window's
     # last 0.75 s (a talker may have taken over inside it; session.py,
@@ -218,8 +219,8 @@ class Settings:
             raise ValueError("DIGLETT_WINDOW_S must be at least DIGLETT_HOP_S")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError("DIGLETT_THRESHOLD must lie in [-1, 1]")
-        if self.lookahead_hops not in (0, 1):
-            raise ValueError("DIGLETT_LOOKAHEAD_HOPS must be 0 or 1")
+        if not 0.0 <= self.lookahead_hops <= 1.0:
+            raise ValueError("DIGLETT_LOOKAHEAD_HOPS must lie in [0, 1]")
         if not 0.0 <= self.change_drop <= 2.0:
             raise ValueError("DIGLETT_CHANGE_DROP must lie in [0, 2]")
         if not 0.0 <= self.rel_threshold <= 1.0:
@@ -317,6 +318,10 @@ class Settings:
     @property
     def hop_samples(self) -> int:
         return int(round(self.hop_s * SAMPLE_RATE))
+
+    @property
+    def lookahead_samples(self) -> int:
+        return int(round(self.lookahead_hops * self.hop_samples))
 
     @property
     def window_samples(self) -> int:

@@ -10,6 +10,7 @@ makes every protocol rule testable in milliseconds.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -84,8 +85,9 @@ class HopJob:
     window that reaches back over a pause is cut there.
     `recv_t` is the caller's timestamp of the frame holding the hop's last
     sample, echoed back so latency is measured on one clock. `speech` is the
-    detector's verdict on the hop itself; with look-ahead a silent hop still
-    carries its window when the hop before it is labelled from it.
+    detector's verdict on the hop itself. With look-ahead the window may
+    end after the hop (`SessionEngine._hop_window`), and a silent hop
+    carries one when talk resumes right after it (`fill`).
     """
 
     seq: int
@@ -98,10 +100,9 @@ class HopJob:
     # The detector's mean speech probability over the hop's speech frames
     # (speech.SpeechDetector.speech_confidence); None: not known.
     confidence: float | None = None
-    # Where the window's last run of speech starts (seconds on the stream's
-    # timeline); None: no window, or no speech in it. With look-ahead it
-    # says whether this window continues the previous hop's talk.
-    run_start_s: float | None = None
+    # Look-ahead: a silent hop whose `window` is the talk that resumes
+    # right after it; the hop is that talker's pause if they spoke last.
+    fill: bool = False
 
     @property
     def audio(self) -> np.ndarray | None:
@@ -215,30 +216,19 @@ def enrollment_windows(
 
 
 @dataclass(frozen=True)
-class FlushHeld:
-    """Label the hop held back for look-ahead from its own window (stream end)."""
-
-
-@dataclass(frozen=True)
 class Summary:
     """Send the summary here, once the jobs before it have completed."""
 
 
-Action = Union[
-    dict, Close, HopJob, LastPartJob, EnrollWindowJob, EnrollJob, FlushHeld, Summary
-]
+Action = Union[dict, Close, HopJob, LastPartJob, EnrollWindowJob, EnrollJob, Summary]
 
 
-def continues(nxt: HopJob, hop: HopJob) -> bool:
-    """Whether the window of the hop after `hop` (look-ahead) continues
-    `hop`'s talk: its last speech run started by the time `hop` ended.
-    A run that starts later is whoever speaks after a pause, maybe the
-    next talker, so `hop` keeps its own window (docs/accuracy.md)."""
-    return (
-        nxt.window is not None
-        and nxt.run_start_s is not None
-        and nxt.run_start_s <= hop.end_s
-    )
+def continues(run_start: int | None, hop_end: int) -> bool:
+    """Whether a look-ahead window whose last speech run starts at sample
+    `run_start` (None: no speech) continues the talk of the hop ending at
+    `hop_end`: the run started by then. A run that starts later is whoever
+    speaks after a pause, maybe the next talker (docs/accuracy.md)."""
+    return run_start is not None and run_start <= hop_end
 
 
 def is_speech(fraction: float, min_frac: float) -> bool:
@@ -326,10 +316,11 @@ class SessionEngine:
         self._enroll_len = 0
         self._enroll_truncated = False
         self._windower: HopWindower | None = None
-        # Look-ahead: the last hop's gate verdict, and the hop (with its own
-        # window's embedding) waiting for the next window to be labelled.
-        self._prev_speech = False
-        self._held: tuple[HopJob, np.ndarray | None] | None = None
+        # When the stream's audio arrived: (samples so far, the caller's
+        # time), so that a hop handed over after look-ahead keeps the time
+        # its last sample came (`_recv_t`).
+        self._arrivals: deque[tuple[int, float]] = deque()
+        self._received = 0
         self._last_label: str | None = None  # the stream's last label sent
         # Second look: the scores of the last hop's window (None after a
         # hop without one), and the actions waiting on a LastPartJob.
@@ -397,6 +388,7 @@ class SessionEngine:
             self._add_enroll_audio(x16)
             return []
         self._detector.push(x16)
+        self._arrived(x16.size, t)
         return self._hop_jobs(self._windower.push(x16), t)
 
     def disconnect(self) -> None:
@@ -404,7 +396,6 @@ class SessionEngine:
         self._resampler = StreamResampler(self.fmt.sample_rate)
         self.state = "idle"
         self._windower = None
-        self._held = None
         self._resume, self._followups = None, []
         self._enroll_chunks = []
 
@@ -432,7 +423,7 @@ class SessionEngine:
             return HoldRule(HOLD_MAX_BYTES, self.fmt)
         if self.state != "streaming" or self._windower is None:
             return HoldRule(0, self.fmt)
-        missing16 = self.s.hop_samples - self._windower.pending
+        missing16 = self._windower.missing
         rate = self.fmt.sample_rate
         missing = missing16 * rate // SAMPLE_RATE
         if rate != SAMPLE_RATE:
@@ -481,11 +472,9 @@ class SessionEngine:
                     self._followups = [part]
                     self._resume = (queue[i + 1 :], by_job)
                     break
-                out.extend(self._resolve_hop(a, by_job.get(id(a))))
+                out.append(self._complete_hop(a, by_job.get(id(a))))
             elif isinstance(a, LastPartJob):
                 out.append(self._complete_hop(a.hop, a.embedding, by_job[id(a)]))
-            elif isinstance(a, FlushHeld):
-                out.extend(self._flush_held())
             elif isinstance(a, EnrollJob):
                 out.append(self.complete(a, by_job.get(id(a))))
             elif isinstance(a, Summary):
@@ -567,45 +556,24 @@ class SessionEngine:
             return self._complete_enroll(job, embedding)
         return self._complete_hop(job, embedding)
 
-    def _resolve_hop(self, job: HopJob, embedding: np.ndarray | None) -> list[dict]:
-        """The labels a hop's embedding completes. With look-ahead, the
-        previous hop's: from this hop's window when it `continues` that
-        hop's talk, else from the previous hop's own window."""
-        if not self.s.lookahead_hops:
-            return [self._complete_hop(job, embedding)]
-        held, self._held = self._held, (job, embedding)
-        if held is None:
-            return []
-        prev, own = held
-        if prev.speech:
-            ahead = embedding if continues(job, prev) else own
-            return [self._complete_hop(prev, ahead)]
-        return [self._complete_pause(prev, job, embedding)]
-
-    def _complete_pause(
-        self, hop: HopJob, nxt: HopJob, embedding: np.ndarray | None
-    ) -> dict:
-        """Label a silent `hop` that look-ahead sees between two hops of one
-        speaker: the hop before it was labelled that speaker and the next
-        hop's window (`embedding`, of `nxt`) decides for them too (the
-        session's others included, as `_complete_hop` decides). A pause
-        inside a turn is that speaker's turn; any other silent hop is
-        `silence`. The fill never adapts a reference or learns others.
+    def _complete_pause(self, hop: HopJob, embedding: np.ndarray | None) -> dict:
+        """Label a silent `hop` (`fill`) that look-ahead sees between two
+        stretches of one speaker: the hop before it was labelled that
+        speaker and the talk resuming after it (`embedding`, of its window)
+        is decided for them too (the session's others included, as
+        `_complete_hop` decides). A pause inside a turn is that speaker's
+        turn; any other silent hop is `silence`. The fill never adapts a
+        reference or learns others.
         """
         last = self._last_label
-        if nxt.speech and embedding is not None and last in self.adapted:
+        if embedding is not None and last in self.adapted:
             scores, bars, label = self._score(embedding)
             if label == last and not closer_to_others(
                 embedding, self.others, scores[last], bars[last]
             ):
                 return self._label_msg(hop, last, scores)
-        return self._complete_hop(hop, None)
-
-    def _flush_held(self) -> list[dict]:
-        if self._held is None:
-            return []
-        (job, own), self._held = self._held, None
-        return [self._complete_hop(job, own if job.speech else None)]
+        self._prev_scores = None
+        return self._label_msg(hop, SILENCE, None)
 
     def _complete_enroll(self, job: EnrollJob, embedding: np.ndarray) -> dict:
         parts = self._enroll_parts.pop(job.speaker, [])
@@ -631,6 +599,8 @@ class SessionEngine:
     ) -> dict:
         """The label of `job` from its window's `embedding` (None: silence)
         and, after a second look, its last part's embedding `last` (d,)."""
+        if job.fill:
+            return self._complete_pause(job, embedding)
         if job.window is None or embedding is None:
             self._prev_scores = None
             return self._label_msg(job, SILENCE, None)
@@ -845,9 +815,11 @@ class SessionEngine:
                 error("not_enrolled", "enroll at least one speaker before 'stream'")
             ]
         actions = self._end_stream(t) if self.state == "streaming" else []
-        self._windower = HopWindower(self.s.hop_samples, self.s.window_samples)
+        self._windower = HopWindower(
+            self.s.hop_samples, self.s.window_samples, self.s.lookahead_samples
+        )
         self._detector.reset()
-        self._prev_speech = False
+        self._arrivals, self._received = deque(), 0
         self._last_label = None
         self._prev_scores = None
         self._floor = self._new_floor()
@@ -864,23 +836,25 @@ class SessionEngine:
         """Label what remains of the stream, ending with a shorter hop."""
         rest = self._resampler.flush()
         self._detector.push(rest)
-        hops = self._windower.push(rest)
+        self._arrived(rest.size, t)
+        hops = self._windower.push(rest) + self._windower.drain()
         last = self._windower.flush()
         if last is not None:
             hops.append(last)
         self._windower = None
         self.state = "idle"
-        flush: list[Action] = [FlushHeld()] if self.s.lookahead_hops else []
-        return self._hop_jobs(hops, t) + flush
+        return self._hop_jobs(hops, t)
 
     def _hop_jobs(self, hops, t: float) -> list[Action]:
         jobs: list[Action] = []
         floor = self._floor.floor()
         for hop in hops:
             det = self._detector
+            # The look-ahead is read too, so it is rechecked with the hop.
+            window = hop.window if hop.ahead_window is None else hop.ahead_window
             det.recheck_quiet(
-                hop.end - hop.window.size,
-                hop.window,
+                hop.ahead_end - window.size,
+                window,
                 hop.start,
                 floor,
                 self.s.quiet_gain_db,
@@ -890,21 +864,18 @@ class SessionEngine:
                 first, det.frame_samples, flags, hop.start, hop.end
             )
             is_sp = is_speech(frac, self.s.speech_min_frac)
-            # With look-ahead, a hop's window also labels the hop before it.
-            needed = is_sp or (self.s.lookahead_hops > 0 and self._prev_speech)
-            self._prev_speech = is_sp
-            window, run = self._speech_part(hop) if needed else (None, None)
+            fill = not is_sp and self._resumes(hop)
             jobs.append(
                 HopJob(
                     seq=hop.seq,
                     start_s=hop.start / SAMPLE_RATE,
                     end_s=hop.end / SAMPLE_RATE,
                     level_dbfs=levels.rms_dbfs(hop.hop_audio),
-                    window=window,
-                    recv_t=t,
+                    window=self._hop_window(hop, fill) if is_sp or fill else None,
+                    recv_t=self._recv_t(hop.end, t),
                     speech=is_sp,
                     confidence=det.speech_confidence(hop.start, hop.end),
-                    run_start_s=None if run is None else run / SAMPLE_RATE,
+                    fill=fill,
                 )
             )
             self._floor.extend(levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK))
@@ -916,18 +887,59 @@ class SessionEngine:
             round(FLOOR_SPAN_S / FLOOR_BLOCK_S), round(FLOOR_LEAST_S / FLOOR_BLOCK_S)
         )
 
-    def _speech_part(self, hop) -> tuple[np.ndarray, int | None]:
-        """The hop's window from where its last run of speech starts
-        (`speech.speech_part_start`), shape (m,), m <= the window's length;
-        and that run's start sample (None: no speech in the window)."""
+    def _hop_window(self, hop, fill: bool) -> np.ndarray:
+        """The part of a window that labels `hop`, shape (m,): with
+        look-ahead, of the window ending after the hop where the talk goes
+        on into it (`continues`) or, for a silent hop (`fill`), resumes;
+        else of the hop's own window."""
+        if hop.ahead_window is not None:
+            part, run = self._speech_part(hop.ahead_window, hop.ahead_end)
+            if fill or continues(run, hop.end):
+                return part
+        return self._speech_part(hop.window, hop.end)[0]
+
+    def _resumes(self, hop) -> bool:
+        """Whether talk resumes in the look-ahead after `hop` (as much of
+        it speech as a hop needs); False without look-ahead."""
+        if hop.ahead_end <= hop.end:
+            return False
         det = self._detector
-        w_start = hop.end - hop.window.size
-        first, flags = det.frame_flags(w_start, hop.window)
+        tail = hop.ahead_window[hop.end - hop.ahead_end :]
+        first, flags = det.frame_flags(hop.end, tail)
+        frac = speech.speech_fraction(
+            first, det.frame_samples, flags, hop.end, hop.ahead_end
+        )
+        return is_speech(frac, self.s.speech_min_frac)
+
+    def _speech_part(
+        self, window: np.ndarray, end: int
+    ) -> tuple[np.ndarray, int | None]:
+        """`window` (ending at sample `end`) from where its last run of
+        speech starts (`speech.speech_part_start`), shape (m,), m <= the
+        window's length; and that run's start sample (None: no speech)."""
+        det = self._detector
+        w_start = end - window.size
+        first, flags = det.frame_flags(w_start, window)
         run = speech.last_run_start(
             first, det.frame_samples, flags, speech.gap_frames(det.frame_samples)
         )
-        start = speech.speech_part_start(w_start, hop.end, run, det.frame_samples)
-        return hop.window[start - w_start :], run
+        start = speech.speech_part_start(w_start, end, run, det.frame_samples)
+        return window[start - w_start :], run
+
+    def _arrived(self, n: int, t: float) -> None:
+        """Count `n` more stream samples (16 kHz), received at time `t`."""
+        if n:
+            self._received += n
+            self._arrivals.append((self._received, t))
+
+    def _recv_t(self, end: int, t: float) -> float:
+        """When the stream's sample `end - 1` arrived (`t`: now, if unknown);
+        forgets what earlier hops needed."""
+        while len(self._arrivals) > 1 and self._arrivals[0][0] < end:
+            self._arrivals.popleft()
+        if self._arrivals and self._arrivals[0][0] >= end:
+            return self._arrivals[0][1]
+        return t
 
     def _add_enroll_audio(self, x: np.ndarray) -> None:
         room = int(self.s.enroll_max_s * SAMPLE_RATE) - self._enroll_len

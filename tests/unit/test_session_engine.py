@@ -1236,32 +1236,50 @@ def test_lookahead_keeps_a_hop_from_the_talker_after_a_short_pause():
     labs = stream_to_end(c, x)
     assert [m["label"] for m in labs] == ["alice"] * 2 + ["bob"] * 3
     hops = [j for j in c.jobs if isinstance(j, HopJob)]
-    assert hops[2].run_start_s == pytest.approx(1.15, abs=0.04)
-    assert not continues(hops[2], hops[1]) and continues(hops[1], hops[0])
+    assert np.allclose(hops[1].window, x[:SR], atol=1e-3)  # its own, 0-1.0 s
+    assert hops[0].window.size == SR  # the window ending 0.5 s after it
+    assert not continues(round(1.15 * SR), SR) and continues(0, SR)
+    assert not continues(None, SR)
 
 
-def test_lookahead_holds_one_hop_back_and_keeps_its_recv_t():
+def test_lookahead_waits_for_its_audio_and_keeps_the_hops_recv_t():
     c = ahead()
     c.send({"type": "stream"})
     t0 = c.t
     assert labels(c.frame(c.encode(tone(ALICE, 0.5)), dt=0.5)) == []
     [lab] = labels(c.frame(c.encode(tone(ALICE, 0.5)), dt=0.5))
     assert lab["seq"] == 0 and lab["_recv_t"] == pytest.approx(t0 + 0.5)
-    [lab] = labels(c.send({"type": "stream"}))  # ends the stream: hop 1 flushed
+    assert c.engine.hold_rule().wanted == 2 * SR // 2  # 0.5 s, 16-bit
+    [lab] = labels(c.send({"type": "stream"}))  # ends the stream: hop 1 too
     assert lab["seq"] == 1 and lab["label"] == "alice"
-    assert c.engine._held is None
 
 
-def test_lookahead_silent_hop_after_speech_is_embedded_but_silent():
+def test_a_shorter_lookahead_labels_a_hop_a_quarter_second_later():
+    c = Client(ToneSettings(lookahead_hops=0.5))
+    c.enroll_ok("alice", ALICE)
+    c.enroll_ok("bob", BOB)
+    c.send({"type": "stream"})
+    t0 = c.t
+    assert labels(c.frame(c.encode(tone(ALICE, 0.5)), dt=0.5)) == []
+    [lab] = labels(c.frame(c.encode(tone(ALICE, 0.25)), dt=0.25))
+    assert lab["seq"] == 0 and lab["_recv_t"] == pytest.approx(t0 + 0.5)
+    assert c.engine.hold_rule().wanted == 2 * SR // 2
+    labs = labels(c.send({"type": "end"}))
+    assert [(m["seq"], m["label"]) for m in labs] == [(1, "alice")]
+    assert labs[0]["end_s"] == 0.75
+
+
+def test_lookahead_silent_hops_need_no_window_unless_talk_resumes():
     c = ahead()
     c.send({"type": "stream"})
-    c.audio(np.concatenate([tone(ALICE, 1.0), silence(1.0)]))
+    c.audio(np.concatenate([tone(ALICE, 1.0), silence(1.0), tone(ALICE, 0.5)]))
     c.send({"type": "end"})
     labs = labels(c.log)
-    assert [m["label"] for m in labs] == ["alice", "alice", "silence", "silence"]
+    assert [m["label"] for m in labs] == ["alice"] * 2 + ["silence"] * 2 + ["alice"]
     hops = [j for j in c.jobs if isinstance(j, HopJob)]
-    assert [h.speech for h in hops] == [True, True, False, False]
-    assert [h.window is not None for h in hops] == [True, True, True, False]
+    assert [h.speech for h in hops] == [True, True, False, False, True]
+    assert [h.fill for h in hops] == [False, False, False, True, False]
+    assert [h.window is not None for h in hops] == [True, True, False, True, True]
     assert "scores" not in labs[2]
 
 

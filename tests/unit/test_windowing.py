@@ -239,3 +239,43 @@ def test_hops_are_ready_without_look_ahead():
         emitted += len(hops)
         assert emitted == received // HOP
         assert w.pending == received - emitted * HOP
+
+
+# ================================================================ look-ahead
+@pytest.mark.parametrize("ahead", [4000, HOP])
+def test_lookahead_hands_a_hop_over_once_its_lookahead_has_come(ahead):
+    w = HopWindower(HOP, WINDOW, ahead)
+    x = ramp(5 * HOP)
+    assert w.push(x[: HOP + ahead - 1]) == []
+    assert w.missing == 1
+    [h0] = w.push(x[HOP + ahead - 1 : HOP + ahead])
+    assert (h0.start, h0.end, h0.ahead_end) == (0, HOP, HOP + ahead)
+    assert np.array_equal(h0.window, x[:HOP])
+    assert np.array_equal(h0.ahead_window, x[: HOP + ahead])
+    hops = w.push(x[HOP + ahead :])
+    assert [h.seq for h in hops] == [1, 2, 3]  # hop 4 waits for its look-ahead
+    for h in hops:
+        assert np.array_equal(h.hop_audio, x[h.start : h.end])
+        assert np.array_equal(h.window, x[max(0, h.end - WINDOW) : h.end])
+        assert h.ahead_end == h.end + ahead
+        a0 = max(0, h.ahead_end - WINDOW)
+        assert np.array_equal(h.ahead_window, x[a0 : h.ahead_end])
+    assert w.missing == HOP + ahead - w.pending
+
+
+def test_lookahead_drains_the_waiting_hops_when_the_stream_ends():
+    w = HopWindower(HOP, WINDOW, HOP)
+    x = ramp(3 * HOP + 100)
+    assert [h.seq for h in w.push(x)] == [0, 1]
+    [h2] = w.drain()
+    assert (h2.start, h2.end, h2.ahead_end) == (2 * HOP, 3 * HOP, 3 * HOP + 100)
+    last = w.flush()
+    assert (last.start, last.end, last.ahead_end) == (3 * HOP, 3 * HOP + 100, last.end)
+    assert np.array_equal(last.ahead_window, last.window)
+    assert w.drain() == [] and w.flush() is None
+
+
+def test_lookahead_past_a_hop_is_refused():
+    with pytest.raises(ValueError):
+        HopWindower(HOP, WINDOW, HOP + 1)
+    assert HopWindower(HOP, WINDOW).push(ramp(HOP))[0].ahead_window is None
