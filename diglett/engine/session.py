@@ -859,11 +859,7 @@ class SessionEngine:
                 floor,
                 self.s.quiet_gain_db,
             )
-            first, flags = det.frame_flags(hop.start, hop.hop_audio)
-            frac = speech.speech_fraction(
-                first, det.frame_samples, flags, hop.start, hop.end
-            )
-            is_sp = is_speech(frac, self.s.speech_min_frac)
+            is_sp = self._is_speech(hop.start, hop.hop_audio)
             fill = not is_sp and self._resumes(hop)
             jobs.append(
                 HopJob(
@@ -903,11 +899,15 @@ class SessionEngine:
         it speech as a hop needs); False without look-ahead."""
         if hop.ahead_end <= hop.end:
             return False
+        return self._is_speech(hop.end, hop.ahead_window[hop.end - hop.ahead_end :])
+
+    def _is_speech(self, start: int, audio: np.ndarray) -> bool:
+        """Whether `audio` (n,), from stream sample `start`, holds as much
+        speech as a hop needs (`speech_min_frac`, `is_speech`)."""
         det = self._detector
-        tail = hop.ahead_window[hop.end - hop.ahead_end :]
-        first, flags = det.frame_flags(hop.end, tail)
+        first, flags = det.frame_flags(start, audio)
         frac = speech.speech_fraction(
-            first, det.frame_samples, flags, hop.end, hop.ahead_end
+            first, det.frame_samples, flags, start, start + audio.size
         )
         return is_speech(frac, self.s.speech_min_frac)
 
