@@ -341,7 +341,7 @@ class Settings:
             "max_speakers": self.max_speakers,
             "model": MODEL_NAME,
             "threshold": self.threshold,
-            "lookahead_s": self.lookahead_hops * self.hop_s,
+            "lookahead_s": self.lookahead_samples / SAMPLE_RATE,  # as the engine waits
         }
 
     def as_dict(self) -> dict[str, Any]:
