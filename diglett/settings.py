@@ -66,6 +66,12 @@ class Settings:
     # blocks; levels.RecentFloor): speech barely over the background is the
     # background. 0: off.
     background_margin_db: float = 4.0
+    # Both rules hold only where the background moves like talk (babble):
+    # its blocks' spectral shapes spread by at least this many dB (mean std
+    # over bands; levels.BackgroundMotion). Steady noise spreads less, and
+    # there the rules took quiet talkers and intruders for the background.
+    # 0: in any background.
+    background_motion_db: float = 2.8
     # Speech the detector misses yet over the stream's background by
     # speech.QUIET_OVER_DB (a quiet talker in noise: Silero's probabilities
     # fall with the level) is scored again in the hop's window raised by
@@ -252,6 +258,8 @@ class Settings:
             raise ValueError("DIGLETT_VAD must be silero or energy")
         if not 0.0 <= self.background_prob <= 1.0:
             raise ValueError("DIGLETT_BACKGROUND_PROB must lie in [0, 1]")
+        if self.background_motion_db < 0:
+            raise ValueError("DIGLETT_BACKGROUND_MOTION_DB must be 0 or more")
         if self.background_margin_db < 0:
             raise ValueError("DIGLETT_BACKGROUND_MARGIN_DB must be 0 or more")
         if not 0.0 <= self.quiet_gain_db <= 60.0:

@@ -6,6 +6,7 @@ Pure numpy: every function takes float32 audio in [-1, 1] at 16 kHz.
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 
 import numpy as np
 
@@ -105,3 +106,77 @@ class RecentFloor:
             hi = min(lo + 1, len(xs) - 1)
             self._floor = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
         return self._floor
+
+
+# Spectral shape of a block: its energy in SHAPE_BANDS log-spaced bands from
+# 40 Hz to 8 kHz (edges in bins of a 0.1 s block's spectrum at 16 kHz,
+# 10 Hz apart), in dB, less their mean, so that the level drops out.
+SHAPE_EDGES = np.geomspace(4, 800, 17).astype(int)
+
+
+@lru_cache(maxsize=4)
+def _hann(n: int) -> np.ndarray:
+    return np.hanning(n)
+
+
+def block_shapes(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(levels (n,), shapes (n, bands)) of the n = len(x) // block whole
+    blocks of `x`: each block's level (dBFS, as `rms_dbfs`) and its
+    spectral shape (band energies in dB, less their mean; Hann window)."""
+    n = x.size // block
+    blocks = np.asarray(x[: n * block], np.float64).reshape(n, block)
+    ms = np.mean(np.square(blocks), axis=1)
+    with np.errstate(divide="ignore"):
+        lv = np.maximum(10.0 * np.log10(np.maximum(ms, 1e-12)), SILENCE_DBFS)
+    spec = np.abs(np.fft.rfft(blocks * _hann(block), axis=1)) ** 2
+    edges = np.minimum(SHAPE_EDGES, spec.shape[1] - 1)
+    bands = np.add.reduceat(spec, edges[:-1], axis=1)[:, : edges.size - 1]
+    db = 10.0 * np.log10(bands + 1e-20)
+    return lv, db - db.mean(axis=1, keepdims=True)
+
+
+class BackgroundMotion:
+    """Whether the stream's background moves like talk or stays steady.
+
+    Babble, a TV or a café is other people talking: its spectrum changes
+    from one 0.1 s block to the next, as speech does. A fan, hiss or hum
+    keeps one spectrum; only the estimate's own scatter moves it. The
+    blocks at the stream's background level (within `within_db` of the
+    floor, RecentFloor) tell which: the mean over bands of the spread (std,
+    dB) of their spectral shapes (`block_shapes`), over the last `span`
+    blocks. session.py applies its background rules only to a background
+    that moves (docs/accuracy.md measures why).
+    """
+
+    def __init__(self, span: int, least: int, within_db: float) -> None:
+        bands = SHAPE_EDGES.size - 1
+        self._levels = np.full(max(1, span), np.nan)
+        self._shapes = np.zeros((max(1, span), bands))
+        self._next = 0  # ring position of the next block
+        self.least = least
+        self.within_db = within_db
+        self._cache: tuple[float, float | None] | None = None
+
+    def extend(self, x: np.ndarray, block: int) -> None:
+        """Count the whole `block`-sample blocks of the stream's next audio
+        `x` (n,); a trailing part of a block is left out."""
+        lv, shapes = block_shapes(x, block)
+        at = (self._next + np.arange(lv.size)) % self._levels.size
+        self._levels[at], self._shapes[at] = lv, shapes
+        self._next += lv.size
+        self._cache = None
+
+    def spread_db(self, floor_dbfs: float | None) -> float | None:
+        """The mean spread (dB) of the shapes of the blocks within
+        `within_db` of `floor_dbfs`; None while the floor is unknown or
+        fewer than `least` blocks are there."""
+        if floor_dbfs is None:
+            return None
+        if self._cache is not None and self._cache[0] == floor_dbfs:
+            return self._cache[1]
+        near = self._levels < floor_dbfs + self.within_db  # NaN (unused): False
+        spread = None
+        if int(near.sum()) >= self.least:
+            spread = float(np.mean(np.std(self._shapes[near], axis=0)))
+        self._cache = (floor_dbfs, spread)
+        return spread

@@ -67,6 +67,11 @@ FLOOR_SPAN_S = 40.0
 FLOOR_LEAST_S = 3.0
 FLOOR_BLOCK_S = 0.1
 FLOOR_BLOCK = round(FLOOR_BLOCK_S * SAMPLE_RATE)
+# Whether that background moves like talk (levels.BackgroundMotion) is read
+# from its blocks within MOTION_WITHIN_DB of the floor, once MOTION_LEAST
+# blocks are there.
+MOTION_WITHIN_DB = 1.0
+MOTION_LEAST = 10
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,7 @@ class SessionEngine:
         self._resume: tuple[list[Action], dict[int, np.ndarray]] | None = None
         self._followups: list[Action] = []
         self._floor = self._new_floor()
+        self._motion = self._new_motion()
         self.stats = TalkStats()
         self._rate_t: float | None = None  # time of the last audio frame
         self._rate_tokens = settings.rate_burst_s  # seconds of audio allowed now
@@ -637,6 +643,7 @@ class SessionEngine:
             label in self.adapted
             and not clear_win(scores[label], bars[label])
             and at_background_level(self.s, job.level_dbfs, self._floor.floor())
+            and self._background_moves()
         )
 
     def _window_label(self, job: HopJob, embedding: np.ndarray) -> tuple[
@@ -665,9 +672,21 @@ class SessionEngine:
     def _is_background(self, job: HopJob) -> bool:
         """Whether the speech of a hop that matches nobody enrolled is the
         stream's background (`is_background`): `silence`, not `noise`."""
-        return is_background(
+        return self._background_moves() and is_background(
             job.confidence, self.s, job.level_dbfs, self._floor.floor()
         )
+
+    def _background_moves(self) -> bool:
+        """Whether the background rules hold: the stream's background
+        moves like talk (levels.BackgroundMotion: babble, not a fan or
+        hiss, whose level a quiet talker or an intruder barely clears, and
+        where Silero is less sure of speech than in silence), or that is
+        not known yet (the first seconds). Always with
+        `background_motion_db` 0."""
+        if self.s.background_motion_db <= 0:
+            return True
+        spread = self._motion.spread_db(self._floor.floor())
+        return spread is None or spread >= self.s.background_motion_db
 
     def _score(
         self, embedding: np.ndarray
@@ -823,6 +842,7 @@ class SessionEngine:
         self._last_label = None
         self._prev_scores = None
         self._floor = self._new_floor()
+        self._motion = self._new_motion()
         self.state = "streaming"
         return actions
 
@@ -875,12 +895,21 @@ class SessionEngine:
                 )
             )
             self._floor.extend(levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK))
+            if self.s.background_motion_db > 0:
+                self._motion.extend(hop.hop_audio, FLOOR_BLOCK)
         return jobs
 
     def _new_floor(self) -> levels.RecentFloor:
         """A stream's background level, over its last `FLOOR_SPAN_S`."""
         return levels.RecentFloor(
             round(FLOOR_SPAN_S / FLOOR_BLOCK_S), round(FLOOR_LEAST_S / FLOOR_BLOCK_S)
+        )
+
+    def _new_motion(self) -> levels.BackgroundMotion:
+        """Whether a stream's background moves like talk, over the same
+        span as its floor."""
+        return levels.BackgroundMotion(
+            round(FLOOR_SPAN_S / FLOOR_BLOCK_S), MOTION_LEAST, MOTION_WITHIN_DB
         )
 
     def _hop_window(self, hop, fill: bool) -> np.ndarray:

@@ -158,3 +158,67 @@ def test_recent_floor_matches_numpys_percentile(n):
     f = levels.RecentFloor(span=80, least=1, percentile=10.0)
     f.extend(xs)
     assert f.floor() == pytest.approx(np.percentile(xs, 10.0))
+
+
+def test_a_blocks_spectral_shape_leaves_its_level_out():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(16000) * 0.05).astype(np.float32)
+    lv, shapes = levels.block_shapes(x, 1600)
+    lv10, shapes10 = levels.block_shapes(x * 0.1, 1600)
+    assert shapes.shape == (10, levels.SHAPE_EDGES.size - 1)
+    assert np.allclose(lv - lv10, 20.0, atol=1e-3)
+    assert np.allclose(shapes, shapes10, atol=1e-3)
+    assert np.allclose(shapes.mean(axis=1), 0.0, atol=1e-9)
+    # white noise is flat per Hz: the wide top band holds the most energy
+    assert shapes[:, -1].mean() > shapes[:, 0].mean() + 15
+    assert levels.block_shapes(x[:1599], 1600)[1].shape == (0, 16)
+
+
+def _motion(x: np.ndarray) -> float | None:
+    m = levels.BackgroundMotion(span=400, least=10, within_db=1.0)
+    for i in range(0, x.size, 8000):  # in hops, as a stream comes
+        m.extend(x[i : i + 8000], 1600)
+    lv = levels.frame_dbfs(x, 1600)
+    return m.spread_db(float(np.percentile(lv, 10)))
+
+
+def test_steady_noise_does_not_move_a_changing_spectrum_does():
+    """White noise, and a hum with its hiss, keep one spectrum (their
+    spread is the estimate's own scatter); noise whose colour changes every
+    0.3 s, as talk's does, moves."""
+    rng = np.random.default_rng(2)
+    n = 16000 * 10
+    t = np.arange(n) / 16000
+    steady = [
+        rng.standard_normal(n) * 0.01,
+        0.02 * np.sin(2 * np.pi * 100 * t) + rng.standard_normal(n) * 0.002,
+    ]
+    for x in steady:
+        assert _motion(x.astype(np.float32)) < 2.8
+    w = rng.standard_normal(n)
+    low = np.convolve(w, np.ones(8) / 8, mode="same")  # a dull colour
+    high = np.diff(w, prepend=0.0)  # a bright one
+    which = (np.arange(n) // 4800) % 2 == 0
+    changing = np.where(which, low / low.std(), high / high.std()) * 0.01
+    assert _motion(changing.astype(np.float32)) > 2.8
+
+
+def test_background_motion_is_unknown_without_a_floor_or_enough_blocks():
+    m = levels.BackgroundMotion(span=400, least=10, within_db=1.0)
+    x = (np.random.default_rng(3).standard_normal(16000) * 0.01).astype(np.float32)
+    m.extend(x[:8000], 1600)
+    assert m.spread_db(None) is None
+    assert m.spread_db(-40.0) is None  # 5 blocks: fewer than 10
+    m.extend(x[8000:], 1600)
+    assert m.spread_db(-20.0) is not None  # all 10 under the floor + 1 dB
+    assert m.spread_db(-90.0) is None  # none near so low a floor
+
+
+def test_background_motion_forgets_blocks_older_than_its_span():
+    m = levels.BackgroundMotion(span=10, least=10, within_db=1.0)
+    rng = np.random.default_rng(4)
+    m.extend((rng.standard_normal(16000) * 0.01).astype(np.float32), 1600)
+    m.extend((rng.standard_normal(16000) * 1e-4).astype(np.float32), 1600)
+    # only the quiet second second is left: all 10 blocks near -80 dBFS
+    assert m.spread_db(-79.0) is not None
+    assert m.spread_db(-81.5) is None

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import SHARED, load16, needs_speakers, utterances
 from diglett.engine import speech
+from diglett.engine.levels import BackgroundMotion, frame_dbfs
 from diglett.engine import decision
 from diglett.engine import session
 from diglett.engine.decision import (
@@ -413,7 +414,8 @@ def test_steady_background_matching_nobody_becomes_silence_a_talker_stays_noise(
     """Steady noise the level gate takes for speech, then a real talker who
     matches nobody: once 3 s of the stream are known, hops at its background
     level are `silence`, the talker (far over it) `noise`; without the rule
-    both are `noise`."""
+    both are `noise`. (The rule in any background, as it was before it
+    asked for babble: the next-but-two test.)"""
     names = sorted(voices)
     talker = at_level(voices[names[1]][: 3 * SR], -25.0)
     stream = np.concatenate([white(6.0, -50.0), talker])
@@ -423,7 +425,7 @@ def test_steady_background_matching_nobody_becomes_silence_a_talker_stays_noise(
         return np.array([0.0, 1.0, 0.0] if isinstance(job, HopJob) else [1, 0, 0], "f")
 
     def labels(margin):
-        s = Settings(vad="energy", background_margin_db=margin)
+        s = Settings(vad="energy", background_margin_db=margin, background_motion_db=0)
         return [m["label"] for m in run_engine(s, enroll, stream, embed)[0]]
 
     on, off = labels(3.0), labels(0.0)
@@ -477,7 +479,7 @@ def test_background_that_only_brushes_alices_bar_is_silence_a_talker_keeps_it(
     over the background: once the floor is known the noise's hops are
     `silence`, the talker's alice. A clear match (by 0.3) keeps alice even
     at the background level, and without the background level every hop is
-    alice."""
+    alice. (In any background, as in the test before.)"""
     names = sorted(voices)
     talker = at_level(voices[names[1]][: 3 * SR], -25.0)
     stream = np.concatenate([white(6.0, -50.0), talker])
@@ -489,7 +491,7 @@ def test_background_that_only_brushes_alices_bar_is_silence_a_talker_keeps_it(
                 return np.array([1.0, 0.0, 0.0], "f")
             return np.array([alice_cosine, np.sqrt(1 - alice_cosine**2), 0.0], "f")
 
-        s = Settings(vad="energy", background_margin_db=margin)
+        s = Settings(vad="energy", background_margin_db=margin, background_motion_db=0)
         return [m["label"] for m in run_engine(s, enroll, stream, embed)[0]]
 
     faint, off = labels(3.0, 0.35), labels(0.0, 0.35)
@@ -499,6 +501,47 @@ def test_background_that_only_brushes_alices_bar_is_silence_a_talker_keeps_it(
     assert faint[13:17] == off[13:17] == ["alice"] * 4
     clear = labels(3.0, 0.6)
     assert clear[:12] + clear[13:17] == ["alice"] * 16
+
+
+@needs_speakers
+def test_background_rules_hold_in_babble_not_in_steady_noise(voices):
+    """Speech that matches nobody, at the stream's background level: in
+    babble of six real talkers, whose spectrum moves, the rules hold as
+    they would in any background (its faint hops are `silence`); in steady
+    white noise, where a quiet talker or an intruder barely clears the
+    floor, they do not (`noise`), unless asked to hold in any background
+    (`background_motion_db` 0)."""
+    names = sorted(voices)
+    n = 9 * SR
+    babble = sum(at_level(voices[k][:n], -50.0) for k in names[1:7])
+    babble = babble + white(9.0, -66.0)
+    motion = BackgroundMotion(400, 10, 1.0)
+    motion.extend(babble, 1600)
+    floor = float(np.percentile(frame_dbfs(babble, 1600), 10))
+    assert motion.spread_db(floor) > 2.8
+    enroll = {"alice": at_level(voices[names[0]], -25.0)}
+
+    def embed(job):  # every stream window is somebody else
+        return np.array([0.0, 1.0, 0.0] if isinstance(job, HopJob) else [1, 0, 0], "f")
+
+    def labels(stream, motion_db):
+        s = Settings(
+            vad="energy",
+            background_prob=0.0,
+            background_margin_db=4.0,
+            background_motion_db=motion_db,
+        )
+        got = run_engine(s, enroll, stream, embed)[0]
+        return [m["label"] for m in got if m["start_s"] >= 3.0 and "scores" in m]
+
+    in_babble = labels(babble, 2.8)
+    assert len(in_babble) >= 10 and in_babble.count("silence") >= 3
+    assert in_babble == labels(babble, 0.0)
+    # were the babble steady, the rules would stop once that is known
+    assert labels(babble, 50.0).count("silence") < in_babble.count("silence")
+    steady = white(6.0, -50.0)
+    assert labels(steady, 2.8) == ["noise"] * 6
+    assert labels(steady, 0.0) == ["silence"] * 6
 
 
 @needs_speakers
