@@ -112,6 +112,11 @@ ABLATIONS = (
         lambda: (lambda: None),
         {"background_margin_db": 0.0},
     ),
+    (
+        "background rules in any background, not only babble",
+        lambda: (lambda: None),
+        {"background_motion_db": 0.0},
+    ),
     ("without learning the session's others", _no_others, {}),
     ("without the second look", lambda: (lambda: None), {"change_drop": 0.0}),
     (
