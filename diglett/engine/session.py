@@ -682,8 +682,10 @@ class SessionEngine:
         hiss, whose level a quiet talker or an intruder barely clears, and
         where Silero is less sure of speech than in silence), or that is
         not known yet (the first seconds). Always with
-        `background_motion_db` 0."""
-        if self.s.background_motion_db <= 0:
+        `background_motion_db` 0, and with the level gate, which takes
+        steady noise over it for speech (the rules are what tells it
+        apart there)."""
+        if self.s.background_motion_db <= 0 or self.s.vad != "silero":
             return True
         spread = self._motion.spread_db(self._floor.floor())
         return spread is None or spread >= self.s.background_motion_db
