@@ -1,4 +1,5 @@
-"""Sound levels and the energy-based speech gate.
+"""Sound levels, the energy-based speech gate and the stream's background
+(its level, and whether its spectrum moves like talk).
 
 Pure numpy: every function takes float32 audio in [-1, 1] at 16 kHz.
 """
@@ -108,7 +109,7 @@ class RecentFloor:
         return self._floor
 
 
-# Spectral shape of a block: its energy in SHAPE_BANDS log-spaced bands from
+# Spectral shape of a block: its energy in 16 log-spaced bands from
 # 40 Hz to 8 kHz (edges in bins of a 0.1 s block's spectrum at 16 kHz,
 # 10 Hz apart), in dB, less their mean, so that the level drops out.
 SHAPE_EDGES = np.geomspace(4, 800, 17).astype(int)

@@ -685,7 +685,7 @@ class SessionEngine:
         `background_motion_db` 0, and with the level gate, which takes
         steady noise over it for speech (the rules are what tells it
         apart there)."""
-        if self.s.background_motion_db <= 0 or self.s.vad != "silero":
+        if not self._motion_gates():
             return True
         spread = self._motion.spread_db(self._floor.floor())
         return spread is None or spread >= self.s.background_motion_db
@@ -897,7 +897,7 @@ class SessionEngine:
                 )
             )
             self._floor.extend(levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK))
-            if self.s.background_motion_db > 0:
+            if self._motion_gates():
                 self._motion.extend(hop.hop_audio, FLOOR_BLOCK)
         return jobs
 
@@ -906,6 +906,11 @@ class SessionEngine:
         return levels.RecentFloor(
             round(FLOOR_SPAN_S / FLOOR_BLOCK_S), round(FLOOR_LEAST_S / FLOOR_BLOCK_S)
         )
+
+    def _motion_gates(self) -> bool:
+        """Whether the background's motion gates the background rules
+        (`_background_moves`), so that it is worth measuring."""
+        return self.s.background_motion_db > 0 and self.s.vad == "silero"
 
     def _new_motion(self) -> levels.BackgroundMotion:
         """Whether a stream's background moves like talk, over the same
