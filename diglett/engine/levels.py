@@ -120,20 +120,16 @@ def _hann(n: int) -> np.ndarray:
     return np.hanning(n)
 
 
-def block_shapes(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """(levels (n,), shapes (n, bands)) of the n = len(x) // block whole
-    blocks of `x`: each block's level (dBFS, as `rms_dbfs`) and its
-    spectral shape (band energies in dB, less their mean; Hann window)."""
+def block_shapes(x: np.ndarray, block: int) -> np.ndarray:
+    """The spectral shapes of the n = len(x) // block whole blocks of `x`,
+    shape (n, bands): band energies in dB, less their mean (Hann window)."""
     n = x.size // block
     blocks = np.asarray(x[: n * block], np.float64).reshape(n, block)
-    ms = np.mean(np.square(blocks), axis=1)
-    with np.errstate(divide="ignore"):
-        lv = np.maximum(10.0 * np.log10(np.maximum(ms, 1e-12)), SILENCE_DBFS)
     spec = np.abs(np.fft.rfft(blocks * _hann(block), axis=1)) ** 2
     edges = np.minimum(SHAPE_EDGES, spec.shape[1] - 1)
     bands = np.add.reduceat(spec, edges[:-1], axis=1)[:, : edges.size - 1]
     db = 10.0 * np.log10(bands + 1e-20)
-    return lv, db - db.mean(axis=1, keepdims=True)
+    return db - db.mean(axis=1, keepdims=True)
 
 
 class BackgroundMotion:
@@ -158,13 +154,14 @@ class BackgroundMotion:
         self.within_db = within_db
         self._cache: tuple[float, float | None] | None = None
 
-    def extend(self, x: np.ndarray, block: int) -> None:
+    def extend(self, x: np.ndarray, block: int, block_levels: np.ndarray) -> None:
         """Count the whole `block`-sample blocks of the stream's next audio
-        `x` (n,); a trailing part of a block is left out."""
-        lv, shapes = block_shapes(x, block)
-        at = (self._next + np.arange(lv.size)) % self._levels.size
-        self._levels[at], self._shapes[at] = lv, shapes
-        self._next += lv.size
+        `x` (n,), whose levels `frame_dbfs(x, block)` gave (the floor's
+        too); a trailing part of a block is left out."""
+        shapes = block_shapes(x, block)
+        at = (self._next + np.arange(len(shapes))) % self._levels.size
+        self._levels[at], self._shapes[at] = block_levels[: len(shapes)], shapes
+        self._next += len(shapes)
         self._cache = None
 
     def spread_db(self, floor_dbfs: float | None) -> float | None:

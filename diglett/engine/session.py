@@ -896,9 +896,10 @@ class SessionEngine:
                     fill=fill,
                 )
             )
-            self._floor.extend(levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK))
+            block_levels = levels.frame_dbfs(hop.hop_audio, FLOOR_BLOCK)
+            self._floor.extend(block_levels)
             if self._motion_gates():
-                self._motion.extend(hop.hop_audio, FLOOR_BLOCK)
+                self._motion.extend(hop.hop_audio, FLOOR_BLOCK, block_levels)
         return jobs
 
     def _new_floor(self) -> levels.RecentFloor:

@@ -516,7 +516,7 @@ def test_background_rules_hold_in_babble_not_in_steady_noise(voices):
     babble = sum(at_level(voices[k][:n], -50.0) for k in names[1:7])
     babble = babble + white(9.0, -66.0)
     motion = BackgroundMotion(400, 10, 1.0)
-    motion.extend(babble, 1600)
+    motion.extend(babble, 1600, frame_dbfs(babble, 1600))
     floor = float(np.percentile(frame_dbfs(babble, 1600), 10))
     assert motion.spread_db(floor) > 2.8
     enroll = {"alice": at_level(voices[names[0]], -25.0)}
