@@ -578,8 +578,13 @@ class SessionEngine:
                 embedding, self.others, scores[last], bars[last]
             ):
                 return self._label_msg(hop, last, scores)
+        return self._silence(hop)
+
+    def _silence(self, job: HopJob) -> dict:
+        """`silence` for a hop with no window to score; the next hop's
+        second look then has no scores to compare with."""
         self._prev_scores = None
-        return self._label_msg(hop, SILENCE, None)
+        return self._label_msg(job, SILENCE, None)
 
     def _complete_enroll(self, job: EnrollJob, embedding: np.ndarray) -> dict:
         parts = self._enroll_parts.pop(job.speaker, [])
@@ -608,8 +613,7 @@ class SessionEngine:
         if job.fill:
             return self._complete_pause(job, embedding)
         if job.window is None or embedding is None:
-            self._prev_scores = None
-            return self._label_msg(job, SILENCE, None)
+            return self._silence(job)
         scores, bars, label, learn = self._window_label(job, embedding)
         self._prev_scores = scores
         if last is not None:
