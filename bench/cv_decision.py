@@ -93,6 +93,12 @@ def _no_others():
     return _patch(decision, "OTHERS_MIN_CONF", float("inf"))
 
 
+def _others_far():
+    from diglett.engine import decision
+
+    return _patch(decision, "OTHERS_MARGIN", 0.1)
+
+
 def _no_faint_match():
     from diglett.engine import session
 
@@ -118,6 +124,7 @@ ABLATIONS = (
         {"background_motion_db": 0.0},
     ),
     ("without learning the session's others", _no_others, {}),
+    ("others only from windows 0.1 under every bar (before)", _others_far, {}),
     ("without the second look", lambda: (lambda: None), {"change_drop": 0.0}),
     (
         "without the quiet-speech recheck",

@@ -46,7 +46,7 @@ ADAPT_MAX_WEIGHT = 0.5
 # The session's others (see the module doc): a `noise` window that misses
 # every bar by OTHERS_MARGIN, of speech the detector gives at least
 # OTHERS_MIN_CONF, joins them.
-OTHERS_MARGIN = 0.1
+OTHERS_MARGIN = 0.05
 OTHERS_MIN_CONF = 0.9
 # A second look (see `second_look`): the last part's best speaker needs to
 # clear their bar, and beat the window's speaker, by SECOND_LOOK_MARGIN; a

@@ -94,9 +94,10 @@ def test_others_learn_only_from_certain_speech_that_misses_every_bar():
     bars = {"alice": 0.2, "bob": 0.25}
     far = {"alice": 0.05, "bob": 0.1}  # 0.15 under both bars
     assert clearly_nobody(far, bars, 0.95)
+    assert clearly_nobody({"alice": 0.14, "bob": 0.19}, bars, 0.95)  # 0.06 under
     assert not clearly_nobody(far, bars, 0.8)  # the detector is unsure
     assert not clearly_nobody(far, bars, None)  # no probabilities: never
-    assert not clearly_nobody({"alice": 0.15, "bob": 0.1}, bars, 0.95)  # near alice
+    assert not clearly_nobody({"alice": 0.17, "bob": 0.1}, bars, 0.95)  # near alice
 
 
 def test_a_window_closer_to_the_others_than_to_its_speaker_is_theirs():
