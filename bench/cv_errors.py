@@ -18,7 +18,12 @@ Each cell is given as a share of all scored frames, so the cells add up to
 the error rate. Only five folds by default (the held-back fold is kept out
 of analysis, like tuning); `--held` adds it.
 
+`--seed` draws the conversations anew from the same speakers, a check on
+what choosing rules on the dev set's own draw has bought: every rule was
+screened on that draw's five folds (docs/accuracy.md, "A fresh draw").
+
     .venv/bin/python -m bench.cv_errors                  # ~3 min, cached
+    .venv/bin/python -m bench.cv_errors --seed 7 --held  # ~15 min at first
 """
 
 from __future__ import annotations
@@ -94,10 +99,24 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/tmp/diglett_bench_cache/cv_embeddings.npz")
     ap.add_argument("--held", action="store_true", help="add the held-back fold")
     ap.add_argument("--top", type=int, default=12, help="largest error cells shown")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=devset.SEED,
+        help="draw the conversations anew (a check on what tuning saw)",
+    )
+    ap.add_argument(
+        "--turn-spread-db",
+        type=float,
+        default=devset.TURN_SPREAD_DB,
+        help="each turn's level around its talker's",
+    )
     args = ap.parse_args(argv)
     devs = [
         d
-        for d in devset.dev_set(args.per_condition)
+        for d in devset.dev_set(
+            args.per_condition, seed=args.seed, turn_spread_db=args.turn_spread_db
+        )
         if args.held or d.fold != devset.HELD
     ]
     utts = {u.file: u.audio for s in devset.load().values() for u in s.utts}

@@ -55,6 +55,8 @@ HELD = "held"
 N_FOLDS = 5
 INTRUDER_MIN_SNR_DB = 5.0  # the least SNR the issue's conditions ask for
 QUICK_GAP_S = 0.3  # the longest silence of a quick copy (squeeze_gaps)
+SEED = 20261205  # the dev set's draw; another seed draws fresh conversations
+TURN_SPREAD_DB = 3.0  # each turn's level around its talker's (build)
 # Kept back from every tuning run: one or two speakers of each big corpus.
 HELD_SPEAKERS = (
     "TIMIT-FALR0",
@@ -208,6 +210,7 @@ def build(
     n_turns: int = 16,
     key: str = "",
     fold: str = "",
+    turn_spread_db: float = TURN_SPREAD_DB,
 ) -> DevConversation:
     """One conversation of A and B (enrolled) and C; see the module doc."""
     if condition not in CONDITIONS:
@@ -258,7 +261,9 @@ def build(
         u, (p0, p1) = pools[s][k[s] % len(pools[s])]
         k[s] += 1
         piece = u.audio[p0:p1]
-        lvl = float(np.clip(level[s] + rng.uniform(-3, 3), -45, -12))
+        lvl = float(
+            np.clip(level[s] + rng.uniform(-turn_spread_db, turn_spread_db), -45, -12)
+        )
         x = piece * cv._gain_to(piece, lvl)
         if s in rir:
             x = reverberate(x, rir[s])
@@ -349,6 +354,7 @@ def fold_conversations(
     names: list[str],
     per_condition: int,
     seed: int,
+    turn_spread_db: float = TURN_SPREAD_DB,
 ) -> list[DevConversation]:
     """`per_condition` conversations of each condition among `names`."""
     out = []
@@ -358,7 +364,20 @@ def fold_conversations(
             a, b, c = (str(x) for x in rng.choice(names, size=3, replace=False))
             others = [x for x in names if x not in (a, b, c)]
             key = f"{fold}-{cond}-{r}-{a}-{b}-{c}"
-            out.append(build(rng, speakers, a, b, c, others, cond, key=key, fold=fold))
+            out.append(
+                build(
+                    rng,
+                    speakers,
+                    a,
+                    b,
+                    c,
+                    others,
+                    cond,
+                    key=key,
+                    fold=fold,
+                    turn_spread_db=turn_spread_db,
+                )
+            )
     return out
 
 
@@ -402,9 +421,10 @@ def quick_copy(d: DevConversation) -> DevConversation:
 
 def dev_set(
     per_condition: int = 4,
-    seed: int = 20261205,
+    seed: int = SEED,
     which: list[str] | None = None,
     quick: bool = True,
+    turn_spread_db: float = TURN_SPREAD_DB,
 ) -> list[DevConversation]:
     """The conversations of the folds in `which` (default: all, HELD last),
     each fold's quick copies after its own (`quick`)."""
@@ -412,7 +432,9 @@ def dev_set(
     fs = folds(speakers)
     out = []
     for f in which or list(fs):
-        convs = fold_conversations(speakers, f, fs[f], per_condition, seed)
+        convs = fold_conversations(
+            speakers, f, fs[f], per_condition, seed, turn_spread_db
+        )
         out += convs + ([quick_copy(d) for d in convs] if quick else [])
     return out
 
