@@ -65,7 +65,7 @@ class Settings:
     # stream's background (the quieter tenth of its last 40 s in 0.1 s
     # blocks; levels.RecentFloor): speech barely over the background is the
     # background. 0: off.
-    background_margin_db: float = 4.0
+    background_margin_db: float = 5.0
     # Both rules hold only where the background moves like talk (babble):
     # its blocks' spectral shapes spread by at least this many dB (mean std
     # over bands; levels.BackgroundMotion). Steady noise spreads less, and
