@@ -13,7 +13,8 @@ A conversation (`build`):
   utterances *with its own pauses kept*: a pause inside a turn is that
   speaker's turn, as in diarization references.
 - Each speaker talks at a natural level drawn from -42..-15 dBFS for the
-  conversation, each turn within +-3 dB of it, all inside -45..-12 dBFS.
+  conversation, each turn within +-3 dB of it (`TURN_SPREAD_DB`), all
+  inside -45..-12 dBFS.
 - Between turns, 0.2-2 s of silence; at about one change in five the next
   turn starts 0.1-0.5 s early instead (overlap; truth `noise`, both talking).
   Each conversation also comes as a *quick* copy (`squeeze_gaps`): every

@@ -23,9 +23,9 @@ speaker) can pull the reference at most half way towards itself.
 The session also learns its *others*: windows that are clearly nobody
 enrolled (under every bar by `OTHERS_MARGIN`, and certain speech) are
 summed, and a window about to be labelled a speaker, short of a clear win,
-that is closer to their mean than to that speaker is `noise`. An intruder's first clear
-windows so guard the rest of their talk, where one window close to an
-enrolled voice would pass its bar.
+that is closer to their mean than to that speaker is `noise`. An
+intruder's first clear windows so guard the rest of their talk, where one
+window close to an enrolled voice would pass its bar.
 `bench/cv_decision.py` measures each choice, cross-validated over speakers
 (docs/accuracy.md).
 """
