@@ -23,7 +23,7 @@ conversations (`--fresh-seed`), which no rule was screened on.
 `--engine-root DIR` replays another checkout's `diglett` (e.g. the code
 before this decision, for "today's defaults").
 
-    .venv/bin/python -m bench.cv_decision                 # ~15 min on 2 CPUs, cached
+    .venv/bin/python -m bench.cv_decision                 # ~12 min on 2 CPUs, cached
     .venv/bin/python -m bench.cv_decision --quick         # 1 conversation a condition
 Writes bench/results/cv_decision.json and the tables of docs/accuracy.md.
 """
@@ -336,12 +336,7 @@ def run(args) -> dict:
         seed_sc = [score_conv(d, seed_labels(p, cache)) for d, p in zip(devs, preps)]
         cache.save()
         for name, sc in extras + [("seed", seed_sc)]:
-            res[name] = {
-                "cv_folds": [pooled([sc[i] for i in idx[f]]).accuracy for f in folds],
-                "pooled": pooled([sc[i] for i in cv_idx]).as_dict(),
-                "held": pooled([sc[i] for i in held]).accuracy,
-                "groups": groups(cv_devs, [sc[i] for i in cv_idx]),
-            }
+            res[name] = by_fold(devs, sc)
     if args.fresh_seed and not args.skip_extras:
         res["fresh"] = fresh_draw(args, chosen, cache)
     res["runtime_s"] = round(time.perf_counter() - t0, 1)
@@ -357,17 +352,22 @@ def fresh_draw(args, chosen: Settings, cache: EmbedCache) -> dict:
     preps = [td.prepare(d.key, d.conv) for d in devs]
     sc = score_all(devs, preps, chosen, cache, args.jobs)
     cache.save()
+    return {"seed": args.fresh_seed, **by_fold(devs, sc)}
+
+
+def by_fold(devs, scores: list[ConvScore]) -> dict:
+    """One method's scores of `devs`, as the tables give them: each
+    cross-validation fold's accuracy, the five pooled (and by group), the
+    held-back fold's."""
     folds = [f for f in dict.fromkeys(d.fold for d in devs) if f != devset.HELD]
-    cv_idx = [i for f in folds for i, d in enumerate(devs) if d.fold == f]
+    idx = {f: [i for i, d in enumerate(devs) if d.fold == f] for f in folds}
+    cv_idx = [i for f in folds for i in idx[f]]
     held = [i for i, d in enumerate(devs) if d.fold == devset.HELD]
     return {
-        "seed": args.fresh_seed,
-        "cv_folds": [
-            pooled([s for s, d in zip(sc, devs) if d.fold == f]).accuracy for f in folds
-        ],
-        "pooled": pooled([sc[i] for i in cv_idx]).as_dict(),
-        "held": pooled([sc[i] for i in held]).accuracy,
-        "groups": groups([devs[i] for i in cv_idx], [sc[i] for i in cv_idx]),
+        "cv_folds": [pooled([scores[i] for i in idx[f]]).accuracy for f in folds],
+        "pooled": pooled([scores[i] for i in cv_idx]).as_dict(),
+        "held": pooled([scores[i] for i in held]).accuracy,
+        "groups": groups([devs[i] for i in cv_idx], [scores[i] for i in cv_idx]),
     }
 
 
