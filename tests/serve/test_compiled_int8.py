@@ -234,9 +234,16 @@ def built(server, tmp_path_factory):
         assert "started its build" in info["cpu_int8_fallback"]
         package = package_path(cache, threads)
         deadline = time.monotonic() + 1200
+        note = compiled_int8.failed_note(package)
         while not (package.is_file() and compiled_int8.runner_path(package).is_file()):
             log = package.with_suffix(".log")
             assert time.monotonic() < deadline, log.read_text()[-2000:]
+            if note.exists():
+                why = note.read_text()
+                # A machine where the package would be slower builds none:
+                # the replicas keep the traced model (build's speed check).
+                assert why.startswith("RuntimeError: slower than"), why
+                pytest.skip(f"no compiled package on this machine: {why.strip()}")
             time.sleep(5)
         time.sleep(10)  # what a swap once took, after the build ended
         assert handle.info.remote().result(timeout_s=60)["cpu_int8"] == "traced"
