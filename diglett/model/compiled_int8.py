@@ -262,8 +262,8 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
             raise RuntimeError("the compiled package does not match its network")
         compiled_s = _best_time(runner.run, feats)
         if compiled_s > float_s:
-            # Seen on a CPU without AVX-512: the package ran ~40x slower
-            # than the traced model. Its build "fails", so no replica loads it.
+            # Seen on a CPU without AVX-512 (docs/internals.md has the
+            # figures). Its build "fails", so no replica loads it.
             raise RuntimeError(
                 f"slower than the float32 network on this machine "
                 f"({compiled_s * 1000:.0f} ms against {float_s * 1000:.0f} ms "
