@@ -126,8 +126,10 @@ def _compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
-def build_runner(out: Path) -> None:
-    """Compile aoti_runner.cpp against this torch into the extension `out`."""
+def start_runner_build(out: Path) -> subprocess.Popen:
+    """Start compiling aoti_runner.cpp against this torch into the extension
+    `out`; `finish_runner_build` waits for it. It runs beside the package's
+    compile, which is most of a build's time, on another core."""
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -154,16 +156,23 @@ def build_runner(out: Path) -> None:
         "-o",
         str(out),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"compiling the runner failed: {done.stderr[-2000:]}")
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_runner_build(compiling: subprocess.Popen) -> None:
+    """Wait for `start_runner_build`'s compiler; raise if it failed."""
+    _, err = compiling.communicate()
+    if compiling.returncode != 0:
+        raise RuntimeError(f"compiling the runner failed: {err[-2000:]}")
 
 
 _runner_modules: dict[str, object] = {}  # an extension initialises once a process
 
 
 def _import_runner(so: Path):
-    """The extension module at `so` (built by `build_runner`)."""
+    """The extension module at `so` (built by `start_runner_build`)."""
     import importlib.util
 
     key = str(so.resolve())
@@ -223,19 +232,37 @@ def _best_time(run, x: torch.Tensor, repeat: int = 3) -> float:
     return best
 
 
+def speed_check(compiled_s: float, traced_s: float) -> str | None:
+    """Why a package that took `compiled_s` seconds on the probe batch must
+    not replace the traced int8 model that took `traced_s` (it is slower),
+    or None where it may."""
+    if compiled_s <= traced_s:
+        return None
+    return (
+        f"slower than the traced int8 model on this machine "
+        f"({compiled_s * 1000:.0f} ms against {traced_s * 1000:.0f} ms "
+        f"for 3 windows of 1.5 s)"
+    )
+
+
 def build(model_dir: Path, out: Path, threads: int) -> None:
     """Export, compile and check the package; it appears at `out` only
     whole and checked (a temporary file renamed): its embeddings match the
-    network's, and it runs faster than the float32 network here (else it
-    raises, and the build's failed note says why)."""
+    network's, and it runs faster here than the traced int8 model that
+    serves without it (else it raises, and the build's failed note says
+    why)."""
+    import copy
     import warnings
 
+    from diglett.model.int8 import quantize_int8
     from diglett.model.model_store import load_encoder
 
     torch.set_num_threads(threads)  # the generated parallel loops use this
     encoder = load_encoder(model_dir, "cpu")
     feats = _probe_features(encoder)
-    float_s = _best_time(encoder.mods.embedding_model.eval(), feats)
+    traced = quantize_int8(copy.deepcopy(encoder.mods.embedding_model).eval())
+    traced_s = _best_time(traced, feats)
+    del traced
     net = quantized_network(encoder.mods.embedding_model.eval())
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     frames = torch.export.Dim("frames", min=MIN_FRAMES, max=MAX_FRAMES)
@@ -243,8 +270,8 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
     part = out.with_name(f"{out.stem}.part{os.getpid()}.pt2")  # AOTI wants .pt2
     so = runner_path(out)
     so_part = so.with_name(f"{so.stem}.part{os.getpid()}.so")
+    compiling = start_runner_build(so_part)
     try:
-        build_runner(so_part)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.no_grad():
@@ -252,6 +279,7 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
                     net, (feats,), dynamic_shapes=({0: batch, 1: frames},)
                 )
             torch._inductor.aoti_compile_and_package(program, package_path=str(part))
+        finish_runner_build(compiling)
         runner = _import_runner(so_part).Runner(str(part))
         with torch.inference_mode():
             want = net(feats).reshape(3, -1)
@@ -260,18 +288,17 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
         cos = torch.nn.functional.cosine_similarity
         if float(cos(got, want).min()) < 0.999 or float(cos(one, want[:1])) < 0.999:
             raise RuntimeError("the compiled package does not match its network")
-        compiled_s = _best_time(runner.run, feats)
-        if compiled_s > float_s:
-            # Seen on a CPU without AVX-512 (docs/internals.md has the
-            # figures). Its build "fails", so no replica loads it.
-            raise RuntimeError(
-                f"slower than the float32 network on this machine "
-                f"({compiled_s * 1000:.0f} ms against {float_s * 1000:.0f} ms "
-                f"for 3 windows of 1.5 s)"
-            )
+        # Seen on a CPU without AVX-512 (docs/internals.md has the
+        # figures): such a build "fails", so no replica loads it.
+        slower = speed_check(_best_time(runner.run, feats), traced_s)
+        if slower:
+            raise RuntimeError(slower)
         os.replace(so_part, so)
         os.replace(part, out)  # last: the package's presence means both are whole
     finally:
+        if compiling.poll() is None:  # the package's compile failed first
+            compiling.kill()
+            compiling.wait()
         part.unlink(missing_ok=True)
         so_part.unlink(missing_ok=True)
 
