@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""How well any labeller of 0.5 s hops could do on the dev set: two oracles.
+
+The protocol labels each `hop_s` of audio with one label, and the dev set's
+truth is in 0.1 s frames (a pause inside a turn is that speaker's, as in
+diarization references). So even a labeller that never errs loses frames:
+
+- **hop oracle**: each hop gets the label most of its frames' truth has.
+  What tiling the stream into hops costs, with perfect knowledge.
+- **causal hop oracle**: the same, but it knows only what has been said by
+  the hop's end: a frame of a pause inside a turn (`bench.cv_errors`'s
+  `pause in turn`) counts as that speaker only where the speaker is heard
+  again later in the same hop; otherwise as `silence`, since nothing yet
+  tells it from the gap after a turn. The best a labeller without
+  look-ahead can do at these hops.
+
+Both are scored as `bench/cv_decision.py` scores the server (0.1 s frames,
+0.25 s collar), over the five folds and the held-back fold, the
+conversations as built and their quick copies. No model runs.
+
+    .venv/bin/python -m bench.ceiling              # prints the table
+    .venv/bin/python -m bench.ceiling --write-doc  # and puts it in docs/accuracy.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from bench import cv_errors, devset
+from bench import metrics as mt
+from bench.doc_blocks import write_block
+
+HOP_S = 0.5
+RES = 0.1
+PAUSE = cv_errors.POSITIONS.index("pause in turn")
+DOC = Path(__file__).resolve().parents[1] / "docs" / "accuracy.md"
+
+
+def hop_labels(
+    frame_labels: list[str], frames_per_hop: int, duration_s: float
+) -> list[tuple[float, float, str]]:
+    """(start, end, label) of each hop: the most common of its frames'
+    `frame_labels` (ties to the first met), the last hop cut at `duration_s`."""
+    out = []
+    for k in range(0, len(frame_labels), frames_per_hop):
+        chunk = frame_labels[k : k + frames_per_hop]
+        label = Counter(chunk).most_common(1)[0][0]
+        start = k * RES
+        out.append((start, min(start + HOP_S, duration_s), label))
+    return out
+
+
+def heard_by_hop_end(
+    truth: list[str], pos: np.ndarray, frames_per_hop: int
+) -> list[str]:
+    """`truth` per frame as a labeller without look-ahead knows it at each
+    hop's end: a pause frame is its speaker's only if that speaker is heard
+    (a frame of theirs that is no pause) later in the same hop, else `silence`."""
+    out = list(truth)
+    for k in range(0, len(truth), frames_per_hop):
+        for i in range(k, min(k + frames_per_hop, len(truth))):
+            if pos[i] != PAUSE:
+                continue
+            later = range(i + 1, min(k + frames_per_hop, len(truth)))
+            if not any(truth[j] == truth[i] and pos[j] != PAUSE for j in later):
+                out[i] = "silence"
+    return out
+
+
+def oracle_scores(d: devset.DevConversation, utts) -> tuple[mt.Score, mt.Score]:
+    """(hop oracle, causal hop oracle) scores of one conversation."""
+    c = d.conv
+    centres = mt.frame_centres(c.duration_s, RES)
+    truth = [lab or "silence" for lab in mt.labels_at(c.truth, centres)]
+    pos = cv_errors.positions(d, centres, utts)
+    n = int(round(HOP_S / RES))
+    scores = []
+    for frames in (truth, heard_by_hop_end(truth, pos, n)):
+        labels = hop_labels(frames, n, c.duration_s)
+        ft = mt.frame_table(c.truth, labels, c.speakers, duration_s=c.duration_s)
+        scores.append(mt.score_table(ft))
+    return scores[0], scores[1]
+
+
+def table(rows: dict[str, dict[str, float]]) -> str:
+    """The markdown table of `rows` (oracle -> column -> accuracy)."""
+    cols = list(next(iter(rows.values())))
+    lines = [
+        "Four-class frame accuracy of two oracles that label 0.5 s hops "
+        "(`bench/ceiling.py`), scored as the server is.",
+        "",
+        "| oracle | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.1%}" for c in cols) + " |")
+    return "\n".join(lines).replace("%", " %") + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-condition", type=int, default=4)
+    ap.add_argument("--write-doc", action="store_true")
+    args = ap.parse_args(argv)
+    utts = {u.file: u.audio for s in devset.load().values() for u in s.utts}
+    groups = {
+        "5 folds": lambda d: d.fold != devset.HELD,
+        "5 folds, as built": lambda d: d.fold != devset.HELD and d.gaps != "quick",
+        "5 folds, quick": lambda d: d.fold != devset.HELD and d.gaps == "quick",
+        "held-back": lambda d: d.fold == devset.HELD,
+    }
+    names = ("hop oracle", "causal hop oracle")
+    got = {n: {g: [] for g in groups} for n in names}
+    for d in devset.dev_set(args.per_condition):
+        for name, s in zip(names, oracle_scores(d, utts)):
+            for g, keep in groups.items():
+                if keep(d):
+                    got[name][g].append(s)
+    rows = {n: {g: mt.total(ss).accuracy for g, ss in got[n].items()} for n in names}
+    text = table(rows)
+    print(text)
+    if args.write_doc:
+        write_block(DOC, "ceiling", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
