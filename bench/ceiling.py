@@ -34,9 +34,10 @@ import numpy as np
 from bench import cv_errors, devset
 from bench import metrics as mt
 from bench.doc_blocks import write_block
+from diglett.settings import Settings
 
-HOP_S = 0.5
-RES = 0.1
+HOP_S = Settings.hop_s  # the server's default hop
+RES = cv_errors.RES  # the scoring's frames
 PAUSE = cv_errors.POSITIONS.index("pause in turn")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "accuracy.md"
 
@@ -51,7 +52,7 @@ def hop_labels(
         chunk = frame_labels[k : k + frames_per_hop]
         label = Counter(chunk).most_common(1)[0][0]
         start = k * RES
-        out.append((start, min(start + HOP_S, duration_s), label))
+        out.append((start, min(start + frames_per_hop * RES, duration_s), label))
     return out
 
 
