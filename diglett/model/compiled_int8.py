@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -339,7 +340,8 @@ def start_build(
 ) -> subprocess.Popen | None:
     """Build `package` in the background unless it exists, failed before,
     or no C++ compiler is found; returns the process, or None. The process
-    ends soon after this one and runs at niceness 19; a second one for
+    ends soon after this one, with the compilers it started, and runs at
+    niceness 19; a second one for
     the same package waits for the first one's result (a lock)."""
     if package.exists():
         return None
@@ -379,6 +381,7 @@ def start_build(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+            start_new_session=True,  # its compilers end with it (its watcher)
         )
     finally:
         log.close()
@@ -395,7 +398,11 @@ def _die_with_parent_at_lowest_priority(parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        os._exit(0)  # orphaned: nobody will load what we build
+        # Orphaned: nobody will load what we build. The compilers we started
+        # go with us (`start_build` makes us their process group's leader).
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(0)
 
     from diglett.priority import lower_cpu_priority
 

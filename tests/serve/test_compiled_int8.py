@@ -179,7 +179,7 @@ needs_compiler = pytest.mark.skipif(
 @needs_compiler
 def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
     """A replica that dies mid-build leaves no build running (nobody would
-    load what it makes)."""
+    load what it makes), nor a compiler the build started."""
     import subprocess
     import time
 
@@ -187,18 +187,52 @@ def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
 
     pkg = package_path(tmp_path, 1)
     code = (
-        "import time; from pathlib import Path; "
-        "from diglett.model.compiled_int8 import start_build; "
-        f"p = start_build(Path({str(model_dir())!r}), Path({str(pkg)!r}), 1); "
-        "print(p.pid, flush=True); time.sleep(10)"  # the build has begun
+        "import time, psutil\n"
+        "from pathlib import Path\n"
+        "from diglett.model.compiled_int8 import start_build\n"
+        f"p = start_build(Path({str(model_dir())!r}), Path({str(pkg)!r}), 1)\n"
+        "b, t = psutil.Process(p.pid), time.monotonic()\n"
+        # End once the build runs a compiler (its runner's, the first).
+        "while not b.children() and time.monotonic() - t < 100:\n"
+        "    time.sleep(0.1)\n"
+        "print(p.pid, len(b.children()), flush=True)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=150
     )
-    child = int(out.stdout.split()[-1])
+    child, compilers = map(int, out.stdout.split()[-2:])
+    assert compilers, "the build started no compiler"
+
+    def in_its_group() -> list[str]:
+        """The live processes of the build's process group, by name."""
+        out = []
+        for p in psutil.process_iter(["name", "status"]):
+            try:
+                if os.getpgid(p.pid) == child and p.info["status"] != "zombie":
+                    out.append(p.info["name"])
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return out
+
+    try:  # the build and the compilers it runs, if it is not gone yet
+        build = psutil.Process(child)
+        started = [build, *build.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        started = []
+
+    def alive() -> list[str]:
+        out = in_its_group()
+        for p in started:
+            try:
+                if p.is_running() and p.status() != "zombie":
+                    out.append(p.name())
+            except psutil.Error:
+                pass
+        return out
+
     deadline = time.monotonic() + 15
-    while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie":
-        assert time.monotonic() < deadline, "the build outlived its parent"
+    while alive():
+        assert time.monotonic() < deadline, f"outlived the replica: {alive()}"
         time.sleep(0.2)
     assert not pkg.exists() and not compiled_int8.failed_note(pkg).exists()
 
