@@ -341,8 +341,8 @@ def start_build(
     """Build `package` in the background unless it exists, failed before,
     or no C++ compiler is found; returns the process, or None. The process
     ends soon after this one, with the compilers it started, and runs at
-    niceness 19; a second one for
-    the same package waits for the first one's result (a lock)."""
+    niceness 19; a second one for the same package waits for the first
+    one's result (a lock)."""
     if package.exists():
         return None
     if failed_note(package).exists():

@@ -203,17 +203,6 @@ def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
     child, compilers = map(int, out.stdout.split()[-2:])
     assert compilers, "the build started no compiler"
 
-    def in_its_group() -> list[str]:
-        """The live processes of the build's process group, by name."""
-        out = []
-        for p in psutil.process_iter(["name", "status"]):
-            try:
-                if os.getpgid(p.pid) == child and p.info["status"] != "zombie":
-                    out.append(p.info["name"])
-            except (ProcessLookupError, psutil.Error):
-                pass
-        return out
-
     try:  # the build and the compilers it runs, if it is not gone yet
         build = psutil.Process(child)
         started = [build, *build.children(recursive=True)]
@@ -221,12 +210,14 @@ def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
         started = []
 
     def alive() -> list[str]:
-        out = in_its_group()
-        for p in started:
+        """Those of `started` and of the build's process group still running."""
+        out = []
+        for p in [*started, *psutil.process_iter()]:
             try:
-                if p.is_running() and p.status() != "zombie":
-                    out.append(p.name())
-            except psutil.Error:
+                if p in started or os.getpgid(p.pid) == child:
+                    if p.is_running() and p.status() != "zombie":
+                        out.append(p.name())
+            except (ProcessLookupError, psutil.Error):
                 pass
         return out
 
