@@ -55,6 +55,10 @@ MIN_FRAMES, MAX_FRAMES = 16, 100_000  # 0.16 s to 1,000 s of audio
 SUBDIR = "compiled"  # under the cache dir
 RUNNER_MODULE = "diglett_aoti_runner"
 RUNNER_SOURCE = Path(__file__).with_name("aoti_runner.cpp")
+# The int8 network run eagerly (torchao's layers, before compiling) this
+# many times as long as the traced int8 model: its matrix products are slow
+# on this CPU, and the compiled package runs the same ones (`eager_check`).
+EAGER_MAX_RATIO = 10.0
 
 
 def _cpu_flags() -> str:
@@ -246,12 +250,29 @@ def speed_check(compiled_s: float, traced_s: float) -> str | None:
     )
 
 
+def eager_check(eager_s: float, traced_s: float) -> str | None:
+    """Why a build should stop before compiling, where the int8 network
+    run eagerly took `eager_s` seconds on the probe batch against `traced_s`
+    for the traced int8 model, or None. Compiling fuses the small steps
+    around the int8 matrix products, not the products themselves: where
+    those run `EAGER_MAX_RATIO` times slower than the traced model's on
+    this CPU (no fast int8 instructions), the package would be as slow
+    (docs/internals.md), and the compile's minutes are saved."""
+    if eager_s < EAGER_MAX_RATIO * traced_s:
+        return None
+    return (
+        f"slower than the traced int8 model on this machine, seen before "
+        f"compiling: its int8 layers took {eager_s * 1000:.0f} ms against "
+        f"{traced_s * 1000:.0f} ms for 3 windows of 1.5 s"
+    )
+
+
 def build(model_dir: Path, out: Path, threads: int) -> None:
     """Export, compile and check the package; it appears at `out` only
     whole and checked (a temporary file renamed): its embeddings match the
     network's, and it runs faster here than the traced int8 model that
     serves without it (else it raises, and the build's failed note says
-    why)."""
+    why; before compiling where `eager_check` already tells)."""
     import copy
     import warnings
 
@@ -273,6 +294,9 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
     so_part = so.with_name(f"{so.stem}.part{os.getpid()}.so")
     compiling = start_runner_build(so_part)
     try:
+        slower = eager_check(_best_time(net, feats, repeat=1), traced_s)
+        if slower:
+            raise RuntimeError(slower)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.no_grad():
