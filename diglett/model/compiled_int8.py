@@ -292,6 +292,9 @@ def build(model_dir: Path, out: Path, threads: int) -> None:
     part = out.with_name(f"{out.stem}.part{os.getpid()}.pt2")  # AOTI wants .pt2
     so = runner_path(out)
     so_part = so.with_name(f"{so.stem}.part{os.getpid()}.so")
+    # The runner compiles on the other core from here on, beside the eager
+    # check too: where the build goes on it is ready sooner, and where the
+    # check refuses, the `finally` below kills it.
     compiling = start_runner_build(so_part)
     try:
         slower = eager_check(_best_time(net, feats, repeat=1), traced_s)
