@@ -55,9 +55,10 @@ MIN_FRAMES, MAX_FRAMES = 16, 100_000  # 0.16 s to 1,000 s of audio
 SUBDIR = "compiled"  # under the cache dir
 RUNNER_MODULE = "diglett_aoti_runner"
 RUNNER_SOURCE = Path(__file__).with_name("aoti_runner.cpp")
-# The int8 network run eagerly (torchao's layers, before compiling) this
-# many times as long as the traced int8 model: its matrix products are slow
-# on this CPU, and the compiled package runs the same ones (`eager_check`).
+# A build stops before compiling where the int8 network, run eagerly
+# (torchao's layers), takes this many times the traced int8 model's time:
+# its matrix products are slow on that CPU, and the compiled package would
+# run the same ones (`eager_check`).
 EAGER_MAX_RATIO = 10.0
 
 
@@ -426,7 +427,9 @@ def _die_with_parent_at_lowest_priority(parent: int) -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         # Orphaned: nobody will load what we build. The compilers we started
-        # go with us (`start_build` makes us their process group's leader).
+        # go with us (`start_build` makes us their process group's leader);
+        # the signal ends this process too, so `_exit` is for a build run
+        # some other way.
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpid(), signal.SIGKILL)
         os._exit(0)

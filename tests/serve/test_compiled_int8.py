@@ -211,15 +211,15 @@ def test_a_build_ends_when_the_process_that_started_it_ends(tmp_path):
 
     def alive() -> list[str]:
         """Those of `started` and of the build's process group still running."""
-        out = []
+        running = []
         for p in [*started, *psutil.process_iter()]:
             try:
                 if p in started or os.getpgid(p.pid) == child:
                     if p.is_running() and p.status() != "zombie":
-                        out.append(p.name())
+                        running.append(p.name())
             except (ProcessLookupError, psutil.Error):
                 pass
-        return out
+        return running
 
     deadline = time.monotonic() + 15
     while alive():
