@@ -142,7 +142,13 @@ ABLATIONS = (
 
 # ------------------------------------------------------------------ replay
 def replay(prep: td.Prepared, settings: Settings, cache: EmbedCache) -> list[dict]:
-    """The label messages of one conversation through a fresh engine.
+    """The label messages of one conversation through a fresh engine."""
+    return replay_engine(prep, settings, cache)[0]
+
+
+def replay_engine(prep: td.Prepared, settings: Settings, cache: EmbedCache):
+    """(the label messages, the engine after the stream) of one
+    conversation through a fresh engine.
 
     The windows the engine asks for depend only on the audio and the
     settings, so a first pass collects them (answering with placeholders)
@@ -160,8 +166,8 @@ def replay(prep: td.Prepared, settings: Settings, cache: EmbedCache) -> list[dic
     def answer(job):
         return cache.embed([np.asarray(job.audio, np.float32)])[0]
 
-    msgs, _ = td.drive(prep, settings, answer, answer)
-    return td.label_msgs(msgs)
+    msgs, engine = td.drive(prep, settings, answer, answer)
+    return td.label_msgs(msgs), engine
 
 
 def seed_labels(prep: td.Prepared, cache: EmbedCache) -> list[tuple]:

@@ -129,15 +129,8 @@ def oracle_windows(d: devset.DevConversation, utts):
 def conversation_scores(d, utts, settings: Settings, cache: EmbedCache) -> dict:
     """Each method's ConvScore of one conversation, `rel_threshold` ->
     score for the oracles, and the server's own at `settings`."""
-    prep = td.prepare(d.key, d.conv)
-    cv_decision.replay(prep, settings, cache)  # the server's windows, in batches
-
-    def answer(job):
-        return cache.embed([np.asarray(job.audio, np.float32)])[0]
-
-    # Again, for the engine: its enrollments as the server builds them.
-    msgs, eng = td.drive(prep, settings, answer, answer)
-    server = td.label_msgs(msgs)
+    # The engine's enrollments are the server's.
+    server, eng = cv_decision.replay_engine(td.prepare(d.key, d.conv), settings, cache)
     hops, idx, wins = oracle_windows(d, utts)
     embs = list(cache.embed(wins))
     out: dict = {METHODS[2]: cv_decision.score_conv(d, server)}
