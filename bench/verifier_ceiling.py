@@ -23,8 +23,10 @@ the rows splits what the defaults lose into the verifier's share (what is
 lost with segmentation perfect) and the speech detector's and the
 windows' (the rest).
 
-    .venv/bin/python -m bench.verifier_ceiling              # ~15 min uncached
+    .venv/bin/python -m bench.verifier_ceiling              # ~5 min with the cache warm
     .venv/bin/python -m bench.verifier_ceiling --write-doc  # into docs/accuracy.md
+    .venv/bin/python -m bench.verifier_ceiling --seed 7 \
+        --cache /tmp/diglett_bench_cache/fresh7.npz        # a fresh draw
 """
 
 from __future__ import annotations
@@ -224,12 +226,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-condition", type=int, default=4)
     ap.add_argument("--cache", default="/tmp/diglett_bench_cache/cv_embeddings.npz")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=devset.SEED,
+        help="draw the conversations anew (no rule was screened on them)",
+    )
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args(argv)
     utts = {u.file: u.audio for s in devset.load().values() for u in s.utts}
     cache = EmbedCache(Path(args.cache))
     settings = Settings.from_env(dotenv=False)
-    devs = devset.dev_set(args.per_condition)
+    devs = devset.dev_set(args.per_condition, seed=args.seed)
     per = []
     for i, d in enumerate(devs):
         per.append(conversation_scores(d, utts, settings, cache))
