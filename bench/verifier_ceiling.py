@@ -52,6 +52,7 @@ from diglett.engine.decision import (
     confident,
     cosine_scores,
     decide,
+    speaker_threshold,
 )
 from diglett.settings import Settings
 
@@ -139,7 +140,10 @@ def conversation_scores(d, utts, settings: Settings, cache: EmbedCache) -> dict:
     for name, adapt in ((METHODS[0], False), (METHODS[1], True)):
         out[name] = {}
         for rel in REL_GRID:
-            bars = {k: rel * (v or 0.0) for k, v in eng.self_scores.items()}
+            bars = {
+                k: speaker_threshold(v, rel, settings.threshold)
+                for k, v in eng.self_scores.items()
+            }
             labels = list(hops)
             for k, lab in zip(idx, decide_hops(embs, eng.enrollments, bars, adapt)):
                 labels[k] = (hops[k][0], hops[k][1], lab)
@@ -234,6 +238,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args(argv)
+    if args.write_doc and args.seed != devset.SEED:
+        ap.error("--write-doc writes the dev set's own draw; leave out --seed")
     utts = {u.file: u.audio for s in devset.load().values() for u in s.utts}
     cache = EmbedCache(Path(args.cache))
     settings = Settings.from_env(dotenv=False)
